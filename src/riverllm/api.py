@@ -1,0 +1,249 @@
+"""`RiverLM`: the library's front door. Load a model, build its Exit River, generate.
+
+    import riverllm
+    lm = riverllm.load("smollm2-135m")
+    result = lm.generate("What is 7 * 8?", method="river", tau=0.9)
+    print(result.text, result.exit_layers, result.tokens_per_s)
+    for event in lm.stream("Tell me a joke"):
+        print(event.text, end="", flush=True)
+
+Everything user-facing is validated here, once, with `RiverError`s; the engine below trusts
+its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from riverllm.engine import GenerationResult, RiverEngine, SamplingConfig, decode
+from riverllm.errors import RiverError
+from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
+from riverllm.river import QuantConfig, build_river
+
+Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
+MAX_NEW_TOKENS_LIMIT = 32768
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event (may be empty while a character is incomplete)
+    token_id: int | None
+    exit_layer: int | None
+    result: GenerationResult | None = None  # set on the last event only
+
+
+class RiverLM:
+    def __init__(self, model: nn.Module, tokenizer, name: str = "custom", quant: QuantConfig = QuantConfig(),
+                 progress: bool = False):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.engine = RiverEngine(model)
+        self.quant = quant
+        self.progress = progress
+        self._rivers: dict[QuantConfig, nn.ModuleList] = {}
+        self.model_type = getattr(model.config, "model_type", "")
+        self.profile_tau: dict[int, float] = {}  # bits -> calibrated tau (from `riverllm calibrate`)
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+             bits: int = 4, group_size: int = 64, progress: bool = True) -> "RiverLM":
+        from riverllm.loading import DEFAULT_MODEL, load_model
+
+        spec = model or DEFAULT_MODEL
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        hf_model, tokenizer = load_model(spec, device=device, dtype=dtype, progress=progress)
+        lm = cls(hf_model, tokenizer, name=spec, quant=QuantConfig(bits, group_size), progress=progress)
+        lm._load_profile()
+        return lm
+
+    def _load_profile(self) -> None:
+        try:
+            from riverllm.calibrate import load_profile_taus
+        except ImportError:  # calibration not available in this build
+            return
+        self.profile_tau = load_profile_taus(self.name, self.quant.group_size)
+
+    # --- model facts ----------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.engine.num_layers
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def default_tau(self, bits: int | None = None) -> float:
+        bits = bits or self.quant.bits
+        if bits in self.profile_tau:
+            return self.profile_tau[bits]
+        return DEFAULT_TAU.get(self.model_type, FALLBACK_TAU)
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id if self.model.generation_config else None,
+                       self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, (list, tuple)) else [source])
+        return tuple(sorted(ids))
+
+    def river(self, bits: int | None = None, group_size: int | None = None) -> nn.ModuleList:
+        """The Exit River for this bit width, built on first use and kept."""
+        config = QuantConfig(bits or self.quant.bits, group_size or self.quant.group_size, self.quant.backend)
+        if config not in self._rivers:
+            self._rivers[config] = build_river(self.engine.layers, config, progress=self.progress)
+        return self._rivers[config]
+
+    def free_backbone(self, keep_layers: int) -> None:
+        """Drop backbone layers beyond `keep_layers` from memory; tokens then exit there at the latest.
+        The river must exist first (it is built from the backbone's weights)."""
+        if not 0 <= keep_layers <= self.num_layers:
+            raise RiverError(f"keep_layers must be in 0..{self.num_layers}, got {keep_layers}")
+        if not self._rivers:
+            self.river()
+        for index in range(keep_layers, self.num_layers):
+            self.engine.layers[index] = nn.Identity()  # the twins keep the shared norms alive
+        self.engine.resident_layers = keep_layers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- prompts --------------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: Prompt, raw: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise RiverError("the prompt is empty: pass some text with --prompt")
+            if raw or not self.has_chat_template:
+                return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt = [{"role": "user", "content": prompt}]
+        if not prompt:
+            raise RiverError("the message list is empty: send at least one message")
+        if not self.has_chat_template:
+            text = "\n".join(str(m.get("content", "")) for m in prompt)
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def _policy(self, method: str | Method, tau: float | None, bits: int | None, min_exit_layer: int,
+                max_backbone_layers: int | None) -> tuple[Method, ExitPolicy, nn.ModuleList | None]:
+        method = Method.parse(method, bits) if isinstance(method, str) else method
+        if tau is not None:
+            if method.kind != "river":
+                raise RiverError(f"--tau only applies to river methods, not '{method.name}'")
+            method = Method(method.kind, method.bits, check_tau(tau))
+        elif method.tau is not None:
+            check_tau(method.tau)
+        if max_backbone_layers is not None and not 0 <= max_backbone_layers <= self.num_layers:
+            raise RiverError(f"max_backbone_layers must be in 0..{self.num_layers}, got {max_backbone_layers}")
+        if not 0 <= min_exit_layer < self.num_layers:
+            raise RiverError(f"min_exit_layer must be in 0..{self.num_layers - 1}, got {min_exit_layer}")
+        limit = self.engine.resident_layers
+        if limit < self.num_layers and method.kind != "w":
+            max_backbone_layers = min(limit, max_backbone_layers if max_backbone_layers is not None else limit)
+            if method.kind == "dense":
+                raise RiverError(f"dense needs all {self.num_layers} backbone layers, but only {limit} are in memory")
+        policy = method.policy(self.default_tau(method.bits), min_exit_layer, max_backbone_layers)
+        river = self.river(method.bits) if method.needs_river else None
+        return method, policy, river
+
+    def _check_lengths(self, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> int:
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise RiverError(f"max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+        longest = max(len(ids) for ids in prompt_ids)
+        if longest >= self.context_length:
+            raise RiverError(f"the prompt has {longest} tokens but the model's context window is "
+                             f"{self.context_length}: shorten it")
+        return min(max_new_tokens, self.context_length - longest)
+
+    def stream_batch(self, prompts: Sequence[Prompt], method: str | Method = "river", tau: float | None = None,
+                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int | None = None, stop: Sequence[str] | None = None, raw: bool = False,
+                     bits: int | None = None, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
+                     ignore_eos: bool = False) -> Iterator[tuple[int, StreamEvent]]:
+        """The one generation loop behind `generate`, `generate_batch` and `stream`:
+        yields (row, event) as tokens arrive; each row's last event carries its result."""
+        if not prompts:
+            raise RiverError("no prompts given")
+        if temperature < 0 or math.isnan(temperature) or not 0 < top_p <= 1 or top_k < 0:
+            raise RiverError("sampling settings out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers)
+        prompt_ids = [self.encode(p, raw) for p in prompts]
+        budget = self._check_lengths(prompt_ids, max_new_tokens)
+        stops = [s for s in (stop or []) if s]
+        texts = [""] * len(prompts)
+        emitted = [0] * len(prompts)  # characters of texts[row] already streamed
+        stopped_by_string = [False] * len(prompts)
+        exit_layers: list[list[int]] = [[] for _ in prompts]
+        times: list[list[float]] = [[] for _ in prompts]
+        ids: list[list[int]] = [[] for _ in prompts]
+        eos = () if ignore_eos else self.eos_token_ids()
+
+        def stop_check(row: int, generated: list[int]) -> bool:
+            if not stops:
+                return False
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                stopped_by_string[row] = True
+            return hit >= 0
+
+        done = [False] * len(prompts)
+        sampling = SamplingConfig(temperature, top_p, top_k, seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, stop_check):
+            for row, token in enumerate(event.tokens):
+                if done[row]:
+                    continue
+                ids[row].append(token)
+                exit_layers[row].append(event.exit_layer)
+                times[row].append(event.seconds)
+                text = self.tokenizer.decode(ids[row], skip_special_tokens=True)
+                if stopped_by_string[row]:
+                    text = text[: min(i for i in (text.find(s) for s in stops) if i >= 0)]
+                # Hold back an incomplete multi-byte character (shown as U+FFFD until complete).
+                safe = len(text) if event.finished[row] else len(text.rstrip("\ufffd"))
+                delta = text[emitted[row]:safe] if safe > emitted[row] else ""
+                emitted[row] = max(emitted[row], safe)
+                texts[row] = text
+                result = None
+                if event.finished[row] or len(ids[row]) >= budget:
+                    done[row] = True
+                    hit_eos = bool(eos) and token in eos
+                    result = GenerationResult(
+                        text=text, token_ids=ids[row], exit_layers=exit_layers[row], token_times=times[row],
+                        finish_reason="stop" if (hit_eos or stopped_by_string[row]) else "length",
+                        prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
+                    )
+                yield row, StreamEvent(delta, token, event.exit_layer, result)
+
+    def stream(self, prompt: Prompt, **options) -> Iterator[StreamEvent]:
+        for _, event in self.stream_batch([prompt], **options):
+            yield event
+
+    def generate_batch(self, prompts: Sequence[Prompt], **options) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for row, event in self.stream_batch(prompts, **options):
+            if event.result is not None:
+                results[row] = event.result
+        return results  # type: ignore[return-value]
+
+    def generate(self, prompt: Prompt, **options) -> GenerationResult:
+        return self.generate_batch([prompt], **options)[0]
+
+
+def load(model: str | None = None, **options) -> RiverLM:
+    """Load a packaged name, a HuggingFace model directory or a .gguf file, ready to generate."""
+    return RiverLM.load(model, **options)

@@ -1,0 +1,166 @@
+"""One forward step of a decoder-only transformers model, layer by layer, with early exit.
+
+This is the model's own `forward` unrolled (embeddings, rotary embeddings, masks, decoder layers,
+final norm, LM head) so that after every backbone layer the exit rule can look at the residual
+stream, and from the exit layer on the river's twins run instead. The decoder layers themselves
+are transformers' own modules: we only decide which one runs.
+
+Works for models with the standard decoder layout (`model.model.embed_tokens/layers/norm/
+rotary_emb`, `model.lm_head`): Llama, Qwen2, Qwen3, Mistral, Gemma3 (text), Phi3.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from riverllm.engine.cache import KVCache
+from riverllm.policy import ExitPolicy
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [batch, vocab] at the last position, or [batch, seq, vocab] with all_logits
+    exit_layer: int  # backbone layers run (1-based layer after which the step left; L: never left)
+    similarities: list[torch.Tensor] = field(default_factory=list)  # per backbone layer run: [batch, seq]
+
+
+class RiverEngine:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        decoder = model.model
+        self.config = model.config
+        self.embed_tokens = decoder.embed_tokens
+        self.layers: nn.ModuleList = decoder.layers
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.layers)
+        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.layer_types = self._layer_types()
+        self.sliding_window = getattr(self.config, "sliding_window", None)
+        self._rope_by_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        # Layers [resident_layers:] of the backbone may have been freed (`RiverLM.free_backbone`).
+        self.resident_layers = self.num_layers
+
+    def _layer_types(self) -> list[str]:
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return list(types)
+        # Mistral-style configs: one sliding window for every layer when it is set.
+        sliding = getattr(self.config, "sliding_window", None) and getattr(self.config, "use_sliding_window", True)
+        return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.num_layers, batch_size, max_len, self.device, self.dtype)
+
+    # --- pieces of the model's forward ------------------------------------------------------
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._rope_by_layer_type:
+            return {t: self.rotary_emb(hidden, position_ids, t) for t in set(self.layer_types)}
+        shared = self.rotary_emb(hidden, position_ids)
+        return {t: shared for t in set(self.layer_types)}
+
+    def attention_masks(self, slots: torch.Tensor, pad_counts: torch.Tensor, visible: int) -> dict[str, torch.Tensor | None]:
+        """Additive masks [batch, 1, new, visible] per layer type, or None where plain causal
+        attention is exact (then sdpa runs its causal kernel, as transformers itself does)."""
+        masks: dict[str, torch.Tensor | None] = {}
+        has_padding = bool(pad_counts.any())
+        keys = torch.arange(visible, device=slots.device)
+        for layer_type in set(self.layer_types):
+            window = self.sliding_window if layer_type == "sliding_attention" else None
+            if not has_padding and (window is None or visible <= window):
+                masks[layer_type] = None
+                continue
+            allowed = keys[None, :] <= slots[:, None]
+            if window is not None:
+                allowed &= slots[:, None] - keys[None, :] < window
+            allowed = allowed[None] & (keys[None, None, :] >= pad_counts[:, None, None])
+            allowed |= keys[None, None, :] == slots[None, :, None]  # no fully masked rows: no NaN
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=slots.device)
+            masks[layer_type] = mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
+        return masks
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden))
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        start_slot: int,
+        pad_counts: torch.Tensor,
+        policy: ExitPolicy,
+        river: nn.ModuleList | None = None,
+        active_rows: torch.Tensor | None = None,
+        all_logits: bool = False,
+        record_similarities: bool = False,
+    ) -> StepOutput:
+        """Run `input_ids` [batch, new] at slots start_slot.. through backbone and river.
+
+        pad_counts[b]: left-padding slots of row b. active_rows: rows whose similarity counts in
+        the exit decision (finished rows keep decoding padding but must not hold the batch back).
+        """
+        batch, new = input_ids.shape
+        slots = torch.arange(start_slot, start_slot + new, device=input_ids.device)
+        cache.write_slots, cache.visible = slots, start_slot + new
+        position_ids = (slots[None, :] - pad_counts[:, None]).clamp(min=0)
+        # Tokens whose similarity may decide: real (not padding) and in an active row.
+        deciding = slots[None, :] >= pad_counts[:, None]
+        if active_rows is not None:
+            deciding = deciding & active_rows[:, None]
+
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary(hidden, position_ids)
+        masks = self.attention_masks(slots, pad_counts, cache.visible)
+
+        exit_layer = policy.start_layer()
+        if exit_layer is None:
+            exit_layer = self.num_layers
+            compare = policy.needs_similarity or record_similarities
+        else:
+            compare = False
+        similarities: list[torch.Tensor] = []
+        for index in range(self.num_layers):
+            layer_type = self.layer_types[index]
+            kwargs = dict(attention_mask=masks[layer_type], position_ids=position_ids, past_key_values=cache,
+                          use_cache=True, position_embeddings=rope[layer_type])
+            if index < exit_layer:
+                if index >= self.resident_layers:
+                    raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {self.resident_layers}")
+                output = self.layers[index](hidden, **kwargs)
+                if compare:
+                    similarity = F.cosine_similarity(hidden.float(), output.float(), dim=-1)
+                    similarities.append(similarity)
+                    lowest = similarity.masked_fill(~deciding, float("inf")).min()
+                    if policy.exits_after(index + 1, lowest.item()):
+                        exit_layer = index + 1
+                elif policy.exits_after(index + 1, 0.0):
+                    exit_layer = index + 1
+                hidden = output
+            else:
+                if river is None:
+                    raise RuntimeError("this step exits early but no river was given")
+                hidden = river[index](hidden, **kwargs)
+
+        logits = self.head(hidden if all_logits else hidden[:, -1:])
+        return StepOutput(logits if all_logits else logits[:, -1], exit_layer, similarities)

@@ -1,0 +1,158 @@
+"""The token loop: prefill, then one token at a time, with sampling, EOS, stop checks and timing.
+
+`decode` is a generator of `StepEvent`s (one per generated token, for every row of the batch) so
+that streaming, batch generation and benchmarks all share one loop. The per-token timing of a
+step includes the device sync that reading the sampled token forces anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from riverllm.engine.core import RiverEngine
+from riverllm.policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def warpers(self) -> LogitsProcessorList:
+        # transformers' own warpers, so sampling means exactly what it means in `generate`.
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.temperature)])
+        if self.top_k:
+            warpers.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
+
+@dataclass
+class StepEvent:
+    step: int  # 0: the token produced by the prompt (prefill)
+    tokens: list[int]  # one per row
+    exit_layer: int
+    seconds: float
+    finished: list[bool]  # rows done after this token (EOS or a stop check)
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, input_ids: torch.Tensor, generator) -> torch.Tensor:
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    scores = sampling.warpers()(input_ids, logits.float())
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    engine: RiverEngine,
+    prompts: list[list[int]],
+    policy: ExitPolicy,
+    river: nn.ModuleList | None,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    stop_check: Callable[[int, list[int]], bool] | None = None,
+) -> Iterator[StepEvent]:
+    """Generate up to `max_new_tokens` for each prompt (token-id lists; left-padded together).
+
+    stop_check(row, generated_ids) -> True ends that row (stop strings live above this loop).
+    """
+    device = engine.device
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    pad_counts = torch.tensor([longest - len(p) for p in prompts], device=device)
+    input_ids = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    cache = engine.new_cache(batch, longest + max_new_tokens)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    start = time.perf_counter()
+    output = engine.forward(input_ids, cache, 0, pad_counts, policy, river)
+    for step in range(max_new_tokens):
+        # The warpers used here (temperature, top-k, top-p) do not read the context ids.
+        tokens = _sample(output.logits, sampling, input_ids, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        token_list = tokens.tolist()  # the device sync: the step is done here
+        now = time.perf_counter()
+        for row, token in enumerate(token_list):
+            if not finished[row]:
+                generated[row].append(token)
+        finished |= torch.isin(tokens, eos)
+        if stop_check is not None:
+            for row in range(batch):
+                if not finished[row] and stop_check(row, generated[row]):
+                    finished[row] = True
+        yield StepEvent(step, token_list, output.exit_layer, now - start, finished.tolist())
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        start = time.perf_counter()
+        output = engine.forward(tokens[:, None], cache, longest + step, pad_counts, policy, river, active_rows=~finished)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    exit_layers: list[int]  # per generated token: backbone layers run for it (L: never left)
+    token_times: list[float]  # seconds per generated token; the first one includes the prefill
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    num_layers: int
+    method: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoding speed: tokens after the first over their time (the first token pays the prefill)."""
+        if len(self.token_times) > 1:
+            return (len(self.token_times) - 1) / max(sum(self.token_times[1:]), 1e-12)
+        return len(self.token_times) / max(sum(self.token_times), 1e-12)
+
+    @property
+    def prefill_s(self) -> float:
+        return self.token_times[0] if self.token_times else 0.0
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else float(self.num_layers)
+
+    @property
+    def full_precision_share(self) -> float:
+        """Share of the model's layers that ran at full precision, over the generated tokens."""
+        return self.mean_exit_layer / self.num_layers
+
+    def summary(self) -> str:
+        return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}, "
+                f"mean exit layer {self.mean_exit_layer:.1f}/{self.num_layers}, "
+                f"{100 * self.full_precision_share:.0f}% of layers at full precision")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(tokens_per_s=self.tokens_per_s, prefill_s=self.prefill_s, mean_exit_layer=self.mean_exit_layer,
+                    full_precision_share=self.full_precision_share)
+        return data

@@ -1,0 +1,62 @@
+"""Per-token, per-layer state transition similarity: what the exit rule sees (`riverllm inspect`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from riverllm.policy import ExitPolicy
+
+
+def similarity_table(lm, prompt: str, raw: bool = False, tau: float | None = None) -> dict:
+    """Run the prompt through the full backbone (no exit) and record s_l for every token and layer."""
+    ids = lm.encode(prompt, raw)
+    engine = lm.engine
+    cache = engine.new_cache(1, len(ids))
+    pad_counts = torch.zeros(1, dtype=torch.long, device=engine.device)
+    out = engine.forward(torch.tensor([ids], device=engine.device), cache, 0, pad_counts, ExitPolicy(),
+                         record_similarities=True)
+    sims = torch.stack([s[0] for s in out.similarities], dim=1).tolist()  # [tokens, layers]
+    threshold = lm.default_tau() if tau is None else tau
+    rule = ExitPolicy(tau=threshold)
+    exits = [next((layer for layer, s in enumerate(row, 1) if rule.exits_after(layer, s)), len(row)) for row in sims]
+    tokens = [lm.tokenizer.decode([i]) for i in ids]
+    return {"tokens": tokens, "token_ids": ids, "similarities": sims, "num_layers": engine.num_layers,
+            "tau": threshold, "exit_layers": exits}
+
+
+def write_heatmap(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sims = report["similarities"]
+    height = min(2 + 0.18 * len(sims), 40)
+    fig, ax = plt.subplots(figsize=(2 + 0.3 * report["num_layers"], height))
+    image = ax.imshow(sims, aspect="auto", cmap="viridis", vmin=-1, vmax=1)
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("token")
+    ax.set_xticks(range(report["num_layers"]), [str(i) for i in range(1, report["num_layers"] + 1)], fontsize=7)
+    if len(sims) <= 80:
+        ax.set_yticks(range(len(sims)), [repr(t)[:16] for t in report["tokens"]], fontsize=6)
+    ax.scatter([e - 1 for e in report["exit_layers"]], range(len(sims)), marker="|", color="red", s=40,
+               label=f"exit (tau={report['tau']:g})")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(image, ax=ax, label="cos(h_{l-1}, h_l)")
+    ax.set_title("state transition similarity")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

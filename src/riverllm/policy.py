@@ -1,0 +1,117 @@
+"""When a token leaves the backbone: River-LLM's state-transition-similarity rule.
+
+After backbone block l, s_l = cos(h_{l-1}, h_l), the cosine between the block's input and output
+residual states in fp32. A block that barely turns the residual stream has little left to add,
+so the token exits at the first l > `min_exit_layer` with s_l > tau, and the low-bit river runs
+layers l+1..L. Several tokens deciding together (a prompt in prefill, a batch in decoding) use
+the minimum of their similarities: the group exits only when its least settled token may.
+
+A `Method` names a whole decoding recipe as users write it on the command line:
+`dense` (backbone only), `w4` (every layer as its 4-bit twin), `river` / `river:0.9` /
+`river3:0.95` (River-LLM with the river's bit width and tau).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from riverllm.errors import RiverError
+
+# Chosen on the packaged models (SPEC.md section 2 and docs/tau.md): at 0.9 the SmolLM2 and
+# Qwen2.5 backbones still run only the first 3-5 layers on average, and tau in 0.9-0.95 is the
+# "near-lossless" end the paper recommends for small models. `riverllm calibrate` replaces these
+# with a measured value per model and bit width.
+DEFAULT_TAU = {"llama": 0.9, "qwen2": 0.9, "qwen3": 0.9, "mistral": 0.9, "gemma3_text": 0.9, "phi3": 0.9}
+FALLBACK_TAU = 0.9
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Decides, after each backbone layer, whether the token(s) leave for the river."""
+
+    tau: float = math.inf  # inf: never exit on similarity
+    min_exit_layer: int = 1  # exits are allowed after layers min_exit_layer+1 .. L
+    max_backbone_layers: int | None = None  # forced exit here (deeper backbone layers may be freed)
+    force_exit_layer: int | None = None  # exit here whatever the similarity (w4: 0; bench profiles)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.tau):
+            raise RiverError("tau must be a number between -1 and 1 (or above 1 to never exit), got nan")
+        if self.min_exit_layer < 0:
+            raise RiverError(f"min_exit_layer must be >= 0, got {self.min_exit_layer}")
+        if self.max_backbone_layers is not None and self.max_backbone_layers < 0:
+            raise RiverError(f"max_backbone_layers must be >= 0, got {self.max_backbone_layers}")
+
+    @property
+    def needs_similarity(self) -> bool:
+        return self.force_exit_layer is None and self.tau != math.inf
+
+    def start_layer(self) -> int | None:
+        """An exit decided before any backbone layer runs (0 means: river only)."""
+        if self.force_exit_layer is not None:
+            return self.force_exit_layer
+        if self.max_backbone_layers == 0:
+            return 0
+        return None
+
+    def exits_after(self, layer: int, similarity: float) -> bool:
+        """`layer` is 1-based: the backbone layer that just ran."""
+        if self.force_exit_layer is not None:
+            return layer >= self.force_exit_layer
+        if self.max_backbone_layers is not None and layer >= self.max_backbone_layers:
+            return True
+        return layer > self.min_exit_layer and similarity > self.tau
+
+
+_METHOD = re.compile(r"^(?P<kind>dense|w|river)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A decoding recipe: `dense`, `w<bits>`, or `river[<bits>][:tau]`."""
+
+    kind: str  # dense | w | river
+    bits: int = 4
+    tau: float | None = None  # river only; None means the model's default
+
+    @classmethod
+    def parse(cls, text: str, bits: int | None = None) -> "Method":
+        match = _METHOD.match(text.strip())
+        if not match or (match["kind"] == "w" and not match["bits"]) or (match["kind"] != "river" and match["tau"]):
+            raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river, river:TAU or river3:TAU")
+        kind = match["kind"]
+        method_bits = int(match["bits"]) if match["bits"] else (bits or 4)
+        if kind == "dense" and match["bits"]:
+            raise RiverError(f"unknown method '{text}': dense takes no bit width")
+        tau = float(match["tau"]) if match["tau"] else None
+        return cls(kind, method_bits, tau)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        if self.kind == "w":
+            return f"w{self.bits}"
+        bits = "" if self.bits == 4 else str(self.bits)
+        return f"river{bits}" + ("" if self.tau is None else f":{self.tau:g}")
+
+    @property
+    def needs_river(self) -> bool:
+        return self.kind != "dense"
+
+    def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None) -> ExitPolicy:
+        if self.kind == "dense":
+            return ExitPolicy()
+        if self.kind == "w":
+            return ExitPolicy(force_exit_layer=0)
+        tau = default_tau if self.tau is None else self.tau
+        return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers)
+
+
+def check_tau(tau: float) -> float:
+    """Reject values that can only be typos; tau > 1 (never exit) and < -1 (always) are meaningful."""
+    if math.isnan(tau) or not -10.0 <= tau <= 10.0:
+        raise RiverError(f"tau must lie in [-10, 10] (cosines are in [-1, 1]; >1 never exits, <-1 always), got {tau}")
+    return tau

@@ -1,0 +1,107 @@
+"""A weight-only quantized linear layer: HQQ does the quantizing, torch's int4 kernels the math.
+
+HQQ (half-quadratic quantization) needs no calibration data, which is what makes the river
+training-free. It gives, per group of `group_size` input columns, an integer code q in
+[0, 2^bits), a scale s and a (float) zero z, with W ~ (q - z) * s.
+
+How the forward runs, fastest first:
+- 4 bits, CUDA: `torch._weight_int4pack_mm` (bf16 activations), the kernel SPEC.md section 2
+  measured at 2.3-2.4x bf16 for a whole 8B layer stack on an H100.
+- 4 bits, CPU: `torch._weight_int4pack_mm_for_cpu`; it is fast for bf16 activations only, so
+  activations are cast to bf16 around it (W4A16, as in the paper).
+- anything else (2, 3, 8 bits, or shapes the int4 kernels refuse): dequantize on the fly with
+  HQQ's own `Quantizer.dequantize` and a plain matmul. Correct everywhere, not fast.
+
+Torch's int4 kernels compute W = (q - 8) * scale + zero, so HQQ's (q - z) * s maps onto them
+exactly with scale = s and zero = (8 - z) * s. That conversion is the only thing written by hand
+here: no library packs HQQ's output for these kernels without pulling in torchao.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hqq.core.quantize import Quantizer
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class QuantLinear(nn.Module):
+    """A drop-in replacement for `nn.Linear` holding HQQ-quantized weights."""
+
+    def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 64, backend: str = "auto"):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group_size = bits, group_size
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        if self.in_features % group_size:
+            raise ValueError(f"in_features {self.in_features} is not a multiple of group size {group_size}")
+
+        # HQQ's optimizer runs in fp32 on the weight's own device: a few ms per matrix on a GPU.
+        codes_packed, meta = Quantizer.quantize(
+            weight.float(), nbits=bits, group_size=group_size, optimize=True, axis=1,
+            compute_dtype=torch.float32, device=weight.device,
+        )
+        self.backend = self._pick_backend(backend, weight.device)
+        if self.backend == "dequant":
+            self.codes_packed = codes_packed
+            self.meta = meta
+            return
+
+        codes = Quantizer.unpack[meta["packing"]](codes_packed, dtype=torch.uint8)
+        n_groups_per_row = self.in_features // group_size
+        codes = codes[: self.out_features * n_groups_per_row].reshape(self.out_features, self.in_features)
+        scale = meta["scale"].reshape(self.out_features, n_groups_per_row).float()
+        zero = meta["zero"].reshape(self.out_features, n_groups_per_row).float()
+        # [K / group, N, 2]: the layout both int4 kernels take.
+        scales_and_zeros = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
+        if self.backend == "int4_cuda":
+            # The CUDA kernel takes two 4-bit codes per byte, high nibble first.
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+            self.register_buffer("packed", torch._convert_weight_to_int4pack(pairs, 8))
+        else:
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+
+    def _pick_backend(self, backend: str, device: torch.device) -> str:
+        if backend != "auto":
+            return backend
+        int4_ok = self.bits == 4 and self.group_size in INT4_GROUP_SIZES
+        if device.type == "cuda":
+            # The CUDA kernel tiles N by 8 and K by 16 * inner_k_tiles (8).
+            int4_ok = int4_ok and self.out_features % 8 == 0 and self.in_features % 128 == 0
+            return "int4_cuda" if int4_ok else "dequant"
+        if device.type == "cpu":
+            return "int4_cpu" if int4_ok and self.in_features % 2 == 0 else "dequant"
+        return "dequant"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, as a dense float tensor (for tests and analysis)."""
+        if self.backend == "dequant":
+            return Quantizer.dequantize(self.codes_packed, self.meta).reshape(self.out_features, self.in_features)
+        eye = torch.eye(self.in_features, device=self.packed.device, dtype=torch.bfloat16)
+        return self._int4_matmul(eye).t().float()
+
+    def _int4_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.backend == "int4_cuda":
+            return torch._weight_int4pack_mm(x2d, self.packed, self.group_size, self.scales_and_zeros)
+        return torch._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "dequant":
+            weight = Quantizer.dequantize(self.codes_packed, self.meta).reshape(self.out_features, self.in_features)
+            return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x2d = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = self._int4_matmul(x2d).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, backend={self.backend}"
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight data read per forward (codes + scales/zeros)."""
+        if self.backend == "dequant":
+            return self.codes_packed.numel() * self.codes_packed.element_size() + 2 * self.meta["scale"].numel() * 2
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2

