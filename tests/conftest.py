@@ -50,8 +50,19 @@ FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M-Instruct as a RiverLM (CPU, float32)."""
-    import riverllm
+def smollm2_hf():
+    """The real SmolLM2-135M-Instruct as a plain (transformers model, tokenizer) pair: CPU, float32,
+    eval mode. Loaded once per session; tests must not modify it."""
+    from riverllm.loading import load_model
 
-    return riverllm.load("smollm2-135m", device="cpu", progress=False)
+    return load_model("smollm2-135m", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_hf):
+    """The same model as a RiverLM (its river is built on first use and shared)."""
+    from riverllm import RiverLM
+    from riverllm.loading import cache_dir
+
+    model, tokenizer = smollm2_hf
+    return RiverLM(model, tokenizer, name="smollm2-135m", river_cache_dir=cache_dir() / "rivers")

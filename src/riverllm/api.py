@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ class StreamEvent:
 
 class RiverLM:
     def __init__(self, model: nn.Module, tokenizer, name: str = "custom", quant: QuantConfig = QuantConfig(),
-                 progress: bool = False):
+                 progress: bool = False, river_cache_dir: Path | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.river_cache_dir = river_cache_dir  # where built rivers are kept between runs (None: nowhere)
         self.engine = RiverEngine(model)
         self.quant = quant
         self.progress = progress
@@ -51,12 +53,13 @@ class RiverLM:
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
              bits: int = 4, group_size: int = 64, progress: bool = True) -> "RiverLM":
-        from riverllm.loading import DEFAULT_MODEL, load_model
+        from riverllm.loading import DEFAULT_MODEL, cache_dir, load_model
 
         spec = model or DEFAULT_MODEL
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        quant = QuantConfig(bits, group_size)  # validated before the (slow) load
         hf_model, tokenizer = load_model(spec, device=device, dtype=dtype, progress=progress)
-        lm = cls(hf_model, tokenizer, name=spec, quant=QuantConfig(bits, group_size), progress=progress)
+        lm = cls(hf_model, tokenizer, name=spec, quant=quant, progress=progress, river_cache_dir=cache_dir() / "rivers")
         lm._load_profile()
         return lm
 
@@ -96,7 +99,8 @@ class RiverLM:
         """The Exit River for this bit width, built on first use and kept."""
         config = QuantConfig(bits or self.quant.bits, group_size or self.quant.group_size, self.quant.backend)
         if config not in self._rivers:
-            self._rivers[config] = build_river(self.engine.layers, config, progress=self.progress)
+            self._rivers[config] = build_river(self.engine.layers, config, progress=self.progress,
+                                               cache_dir=self.river_cache_dir)
         return self._rivers[config]
 
     def free_backbone(self, keep_layers: int) -> None:
@@ -141,9 +145,9 @@ class RiverLM:
                 max_backbone_layers: int | None) -> tuple[Method, ExitPolicy, nn.ModuleList | None]:
         method = Method.parse(method, bits) if isinstance(method, str) else method
         if tau is not None:
-            if method.kind != "river":
-                raise RiverError(f"--tau only applies to river methods, not '{method.name}'")
-            method = Method(method.kind, method.bits, check_tau(tau))
+            if not method.uses_tau:
+                raise RiverError(f"--tau only applies to methods with an exit threshold, not '{method.name}'")
+            method = Method(method.kind, method.bits, check_tau(tau), method.schedule)
         elif method.tau is not None:
             check_tau(method.tau)
         if max_backbone_layers is not None and not 0 <= max_backbone_layers <= self.num_layers:
@@ -172,7 +176,7 @@ class RiverLM:
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int | None = None, stop: Sequence[str] | None = None, raw: bool = False,
                      bits: int | None = None, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
-                     ignore_eos: bool = False) -> Iterator[tuple[int, StreamEvent]]:
+                     ignore_eos: bool = False, use_cuda_graphs: bool = False) -> Iterator[tuple[int, StreamEvent]]:
         """The one generation loop behind `generate`, `generate_batch` and `stream`:
         yields (row, event) as tokens arrive; each row's last event carries its result."""
         if not prompts:
@@ -203,7 +207,8 @@ class RiverLM:
         done = [False] * len(prompts)
         sampling = SamplingConfig(temperature, top_p, top_k, seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, stop_check):
+        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, stop_check,
+                            use_cuda_graphs=use_cuda_graphs):
             for row, token in enumerate(event.tokens):
                 if done[row]:
                     continue
@@ -228,6 +233,35 @@ class RiverLM:
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
                     )
                 yield row, StreamEvent(delta, token, event.exit_layer, result)
+
+    @torch.no_grad()
+    def teacher_forced(self, ids: Sequence[int], prompt_len: int, method: str | Method = "dense",
+                       tau: float | None = None, bits: int | None = None, min_exit_layer: int = 1,
+                       ) -> tuple[torch.Tensor, list[int]]:
+        """Score a fixed continuation token by token, exactly as decoding would run it.
+
+        Prefills ids[:prompt_len] (one common depth), then feeds ids[prompt_len:-1] one at a time,
+        so every scored position gets its own exit decision. Returns float32 logits [n, vocab]
+        where logits[i] predicts ids[prompt_len + i], and the exit layer of each of those steps.
+        """
+        if not 1 <= prompt_len < len(ids):
+            raise RiverError(f"prompt_len must be in 1..{len(ids) - 1}, got {prompt_len}")
+        if len(ids) > self.context_length:
+            raise RiverError(f"{len(ids)} tokens do not fit the context window of {self.context_length}")
+        _, policy, river = self._policy(method, tau, bits, min_exit_layer, None)
+        engine = self.engine
+        cache = engine.new_cache(1, len(ids))
+        cache.prompt_slots = prompt_len
+        pad_counts = torch.zeros(1, dtype=torch.long, device=engine.device)
+        tokens = torch.tensor([list(ids)], device=engine.device)
+        logits, exits = [], []
+        output = engine.forward(tokens[:, :prompt_len], cache, 0, pad_counts, policy, river)
+        for slot in range(prompt_len, len(ids)):
+            logits.append(output.logits[0].float())
+            exits.append(output.exit_layer)
+            if slot < len(ids) - 1:
+                output = engine.forward(tokens[:, slot:slot + 1], cache, slot, pad_counts, policy, river)
+        return torch.stack(logits), exits
 
     def stream(self, prompt: Prompt, **options) -> Iterator[StreamEvent]:
         for _, event in self.stream_batch([prompt], **options):

@@ -8,7 +8,11 @@ the minimum of their similarities: the group exits only when its least settled t
 
 A `Method` names a whole decoding recipe as users write it on the command line:
 `dense` (backbone only), `w4` (every layer as its 4-bit twin), `river` / `river:0.9` /
-`river3:0.95` (River-LLM with the river's bit width and tau).
+`river3:0.95` (River-LLM with the river's bit width and tau), and the prior ways of filling the
+KV hole that an exited token leaves (SPEC.md section 1), each reading the LM head at the exit layer:
+`recompute:TAU` (EE-LLM), `propagate:TAU` (CALM), `mask:TAU` (D-LLM), `monotonic:START-END[@N]`
+(SkipDecode: generated token t runs a depth falling linearly from START to END layers over N
+tokens, 256 by default; the prompt runs full depth).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class ExitPolicy:
     min_exit_layer: int = 1  # exits are allowed after layers min_exit_layer+1 .. L
     max_backbone_layers: int | None = None  # forced exit here (deeper backbone layers may be freed)
     force_exit_layer: int | None = None  # exit here whatever the similarity (w4: 0; bench profiles)
+    # What happens to the layers an exited token skips: "river" (its twins run them, KV included),
+    # or a prior strategy: "recompute", "propagate", "mask" (see engine/core.py).
+    kv_strategy: str = "river"
+    # SkipDecode: (start_depth, end_depth, ramp_tokens); depth is a function of the generated index.
+    depth_schedule: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.tau):
@@ -47,6 +56,16 @@ class ExitPolicy:
     @property
     def needs_similarity(self) -> bool:
         return self.force_exit_layer is None and self.tau != math.inf
+
+    def scheduled_depth(self, generated_index: int, num_layers: int) -> int | None:
+        """SkipDecode's depth for the generated token `generated_index` (None: not scheduled)."""
+        if self.depth_schedule is None:
+            return None
+        if generated_index < 0:  # the prompt
+            return num_layers
+        start, end, ramp = self.depth_schedule
+        progress = min(generated_index, ramp - 1) / max(ramp - 1, 1)
+        return min(num_layers, round(start + (end - start) * progress))
 
     def start_layer(self) -> int | None:
         """An exit decided before any backbone layer runs (0 means: river only)."""
@@ -65,27 +84,41 @@ class ExitPolicy:
         return layer > self.min_exit_layer and similarity > self.tau
 
 
-_METHOD = re.compile(r"^(?P<kind>dense|w|river)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
+_METHOD = re.compile(r"^(?P<kind>dense|w|river|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
+_MONOTONIC = re.compile(r"^monotonic:(?P<start>\d+)-(?P<end>\d+)(?:@(?P<ramp>\d+))?$")
+PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 
 
 @dataclass(frozen=True)
 class Method:
     """A decoding recipe: `dense`, `w<bits>`, or `river[<bits>][:tau]`."""
 
-    kind: str  # dense | w | river
+    kind: str  # dense | w | river | recompute | propagate | mask | monotonic
     bits: int = 4
-    tau: float | None = None  # river only; None means the model's default
+    tau: float | None = None  # exit threshold; None means the model's default
+    schedule: tuple[int, int, int] | None = None  # monotonic only
+
+    @property
+    def uses_tau(self) -> bool:
+        return self.kind in ("river",) + PRIOR_STRATEGIES
 
     @classmethod
     def parse(cls, text: str, bits: int | None = None) -> "Method":
-        match = _METHOD.match(text.strip())
-        if not match or (match["kind"] == "w" and not match["bits"]) or (match["kind"] != "river" and match["tau"]):
-            raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river, river:TAU or river3:TAU")
+        text = text.strip()
+        if monotonic := _MONOTONIC.match(text):
+            start, end = int(monotonic["start"]), int(monotonic["end"])
+            if end > start or end < 1:
+                raise RiverError(f"monotonic:START-END needs START >= END >= 1 (depth never grows), got '{text}'")
+            return cls("monotonic", bits or 4, None, (start, end, int(monotonic["ramp"] or 256)))
+        match = _METHOD.match(text)
+        takes_bits = match and match["kind"] in ("w", "river")
+        if (not match or (match["kind"] == "w" and not match["bits"]) or (match["bits"] and not takes_bits)
+                or (match["kind"] in ("dense", "w") and match["tau"])):
+            raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river[:TAU], river3:TAU, "
+                             "recompute:TAU, propagate:TAU, mask:TAU or monotonic:START-END")
         kind = match["kind"]
         method_bits = int(match["bits"]) if match["bits"] else (bits or 4)
-        if kind == "dense" and match["bits"]:
-            raise RiverError(f"unknown method '{text}': dense takes no bit width")
-        tau = float(match["tau"]) if match["tau"] else None
+        tau = check_tau(float(match["tau"])) if match["tau"] else None
         return cls(kind, method_bits, tau)
 
     @property
@@ -94,20 +127,27 @@ class Method:
             return "dense"
         if self.kind == "w":
             return f"w{self.bits}"
-        bits = "" if self.bits == 4 else str(self.bits)
-        return f"river{bits}" + ("" if self.tau is None else f":{self.tau:g}")
+        if self.kind == "monotonic":
+            start, end, ramp = self.schedule
+            return f"monotonic:{start}-{end}" + ("" if ramp == 256 else f"@{ramp}")
+        bits = "" if self.bits == 4 or self.kind != "river" else str(self.bits)
+        return f"{self.kind}{bits}" + ("" if self.tau is None else f":{self.tau:g}")
 
     @property
     def needs_river(self) -> bool:
-        return self.kind != "dense"
+        return self.kind in ("w", "river")
 
     def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None) -> ExitPolicy:
         if self.kind == "dense":
             return ExitPolicy()
         if self.kind == "w":
             return ExitPolicy(force_exit_layer=0)
+        if self.kind == "monotonic":
+            return ExitPolicy(kv_strategy="mask", depth_schedule=self.schedule)
         tau = default_tau if self.tau is None else self.tau
-        return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers)
+        strategy = "river" if self.kind == "river" else self.kind
+        return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers,
+                          kv_strategy=strategy)
 
 
 def check_tau(tau: float) -> float:

@@ -13,7 +13,19 @@ are applied by the attention mask instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class PendingTokens:
+    """Tokens that exited early under EE-LLM's recompute strategy: their K/V are missing from layer
+    `next_layer` (0-based) up; `hidden` [batch, n, hidden] is their input to that layer."""
+
+    slots: torch.Tensor
+    hidden: torch.Tensor
+    next_layer: int
 
 
 class KVCache:
@@ -28,6 +40,10 @@ class KVCache:
         # attention reads (slots 0..visible-1).
         self.write_slots: torch.Tensor = torch.zeros(0, dtype=torch.long, device=device)
         self.visible: int = 0
+        # Early-exit bookkeeping for the prior strategies (the river never needs it):
+        self.has_holes = False  # some layer skipped some slot ("mask", "recompute", SkipDecode)
+        self.pending: list[PendingTokens] = []  # EE-LLM: exited tokens whose deeper layers are owed
+        self.prompt_slots = 0  # slots taken by the prompt: generated token t sits at slot prompt_slots + t
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store K/V [batch, kv_heads, new, head_dim] at `write_slots`; return all visible K/V."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from riverllm.engine.cache import KVCache
+from riverllm.engine.cache import KVCache, PendingTokens
 from riverllm.policy import ExitPolicy
 
 
@@ -74,25 +74,34 @@ class RiverEngine:
         shared = self.rotary_emb(hidden, position_ids)
         return {t: shared for t in set(self.layer_types)}
 
-    def attention_masks(self, slots: torch.Tensor, pad_counts: torch.Tensor, visible: int) -> dict[str, torch.Tensor | None]:
-        """Additive masks [batch, 1, new, visible] per layer type, or None where plain causal
-        attention is exact (then sdpa runs its causal kernel, as transformers itself does)."""
+    def attention_masks(self, slots: torch.Tensor, pad_counts: torch.Tensor, visible: int,
+                        force: bool = False) -> dict[str, torch.Tensor | None]:
+        """Boolean "may attend" masks [batch, new, visible] per layer type, or None where plain
+        causal attention is exact (then sdpa runs its causal kernel, as transformers itself does).
+        `slots` may be any set of query slots, not only a contiguous run."""
         masks: dict[str, torch.Tensor | None] = {}
         has_padding = bool(pad_counts.any())
         keys = torch.arange(visible, device=slots.device)
         for layer_type in set(self.layer_types):
             window = self.sliding_window if layer_type == "sliding_attention" else None
-            if not has_padding and (window is None or visible <= window):
+            if not force and not has_padding and (window is None or visible <= window):
                 masks[layer_type] = None
                 continue
             allowed = keys[None, :] <= slots[:, None]
             if window is not None:
                 allowed &= slots[:, None] - keys[None, :] < window
             allowed = allowed[None] & (keys[None, None, :] >= pad_counts[:, None, None])
-            allowed |= keys[None, None, :] == slots[None, :, None]  # no fully masked rows: no NaN
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=slots.device)
-            masks[layer_type] = mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
+            masks[layer_type] = allowed
         return masks
+
+    def additive(self, allowed: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor | None:
+        """[batch, new, visible] bool -> the [batch, 1, new, visible] additive mask attention takes."""
+        if allowed is None:
+            return None
+        keys = torch.arange(allowed.shape[-1], device=allowed.device)
+        allowed = allowed | (keys[None, None, :] == slots[None, :, None])  # no fully masked rows: no NaN
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden))
@@ -122,32 +131,34 @@ class RiverEngine:
         """
         batch, new = input_ids.shape
         slots = torch.arange(start_slot, start_slot + new, device=input_ids.device)
-        cache.write_slots, cache.visible = slots, start_slot + new
-        position_ids = (slots[None, :] - pad_counts[:, None]).clamp(min=0)
+        cache.visible = start_slot + new
         # Tokens whose similarity may decide: real (not padding) and in an active row.
         deciding = slots[None, :] >= pad_counts[:, None]
         if active_rows is not None:
             deciding = deciding & active_rows[:, None]
 
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary(hidden, position_ids)
-        masks = self.attention_masks(slots, pad_counts, cache.visible)
+        strategy = policy.kv_strategy
+        holes_possible = strategy != "river" or cache.has_holes
+        masks = self.attention_masks(slots, pad_counts, cache.visible, force=holes_possible)
+        rope = self.rotary(hidden, (slots[None, :] - pad_counts[:, None]).clamp(min=0))
 
         exit_layer = policy.start_layer()
+        scheduled = policy.scheduled_depth(start_slot - cache.prompt_slots, self.num_layers)
+        if scheduled is not None:
+            exit_layer = scheduled
+        compare = exit_layer is None and (policy.needs_similarity or record_similarities)
         if exit_layer is None:
             exit_layer = self.num_layers
-            compare = policy.needs_similarity or record_similarities
-        else:
-            compare = False
         similarities: list[torch.Tensor] = []
+        exit_hidden = hidden
         for index in range(self.num_layers):
             layer_type = self.layer_types[index]
-            kwargs = dict(attention_mask=masks[layer_type], position_ids=position_ids, past_key_values=cache,
-                          use_cache=True, position_embeddings=rope[layer_type])
             if index < exit_layer:
                 if index >= self.resident_layers:
                     raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {self.resident_layers}")
-                output = self.layers[index](hidden, **kwargs)
+                output = self._run_layer(self.layers[index], index, hidden, slots, pad_counts, cache, masks[layer_type],
+                                         rope[layer_type], with_pending=strategy == "recompute")
                 if compare:
                     similarity = F.cosine_similarity(hidden.float(), output.float(), dim=-1)
                     similarities.append(similarity)
@@ -156,11 +167,64 @@ class RiverEngine:
                         exit_layer = index + 1
                 elif policy.exits_after(index + 1, 0.0):
                     exit_layer = index + 1
-                hidden = output
-            else:
+                hidden = exit_hidden = output
+            elif strategy == "river":
                 if river is None:
                     raise RuntimeError("this step exits early but no river was given")
-                hidden = river[index](hidden, **kwargs)
+                hidden = self._run_layer(river[index], index, hidden, slots, pad_counts, cache, masks[layer_type],
+                                         rope[layer_type])
+            elif strategy == "propagate":
+                # CALM: the exit-layer state is copied upward; each skipped layer only projects it
+                # to K/V (its attention runs to write them; the output is discarded).
+                layer = self.layers[index]
+                cache.write_slots = slots
+                layer.self_attn(hidden_states=layer.input_layernorm(exit_hidden),
+                                attention_mask=self.additive(self._with_holes(masks[layer_type], index, cache, slots), slots),
+                                position_ids=None, past_key_values=cache, position_embeddings=rope[layer_type])
+            else:
+                break  # mask / recompute / SkipDecode: these layers write nothing for this token
 
-        logits = self.head(hidden if all_logits else hidden[:, -1:])
+        if exit_layer < self.num_layers and strategy != "river":
+            cache.has_holes = cache.has_holes or strategy != "propagate"
+            if strategy == "recompute":
+                cache.pending.append(PendingTokens(slots, exit_hidden, exit_layer))
+        final = hidden if strategy == "river" else exit_hidden
+        logits = self.head(final if all_logits else final[:, -1:])
         return StepOutput(logits if all_logits else logits[:, -1], exit_layer, similarities)
+
+    def _with_holes(self, allowed: torch.Tensor | None, index: int, cache: KVCache, query_slots: torch.Tensor):
+        """Restrict a mask to the slots layer `index` holds K/V for (plus those written now)."""
+        if allowed is None or not cache.has_holes:
+            return allowed
+        held = cache.filled[index, :, : allowed.shape[-1]].clone()
+        held[:, query_slots] = True
+        return allowed & held[:, None, :]
+
+    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, slots: torch.Tensor,
+                   pad_counts: torch.Tensor, cache: KVCache, allowed: torch.Tensor | None,
+                   rope: tuple[torch.Tensor, torch.Tensor], with_pending: bool = False) -> torch.Tensor:
+        """One decoder layer for the step's tokens; under EE-LLM's recompute, tokens that exited
+        earlier and owe this layer's K/V run it in the same batch, ahead of the new tokens."""
+        owed = [p for p in cache.pending if p.next_layer == index] if with_pending else []
+        if owed:
+            all_slots = torch.cat([p.slots for p in owed] + [slots])
+            hidden = torch.cat([p.hidden for p in owed] + [hidden], dim=1)
+            positions = (all_slots[None, :] - pad_counts[:, None]).clamp(min=0)
+            rope = self.rotary(hidden, positions)[self.layer_types[index]]
+            keys_seen = cache.visible
+            allowed = self.attention_masks(all_slots, pad_counts, keys_seen, force=True)[self.layer_types[index]]
+        else:
+            all_slots = slots
+            positions = (slots[None, :] - pad_counts[:, None]).clamp(min=0)
+        cache.write_slots = all_slots
+        output = layer(hidden, attention_mask=self.additive(self._with_holes(allowed, index, cache, all_slots), all_slots),
+                       position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=rope)
+        if not owed:
+            return output
+        start = 0
+        for pending in owed:
+            count = pending.slots.numel()
+            pending.hidden, pending.next_layer = output[:, start:start + count], index + 1
+            start += count
+        cache.pending = [p for p in cache.pending if p.next_layer < self.num_layers]
+        return output[:, start:]

@@ -73,17 +73,28 @@ def decode(
     eos_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     stop_check: Callable[[int, list[int]], bool] | None = None,
+    use_cuda_graphs: bool = False,
 ) -> Iterator[StepEvent]:
     """Generate up to `max_new_tokens` for each prompt (token-id lists; left-padded together).
 
     stop_check(row, generated_ids) -> True ends that row (stop strings live above this loop).
+    use_cuda_graphs: decode through `cuda_graphs.GraphRunner` (replayed CUDA graphs on a GPU; off
+    CUDA the same static-buffer steps run eagerly, which is how CPU tests check them).
     """
     device = engine.device
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
     pad_counts = torch.tensor([longest - len(p) for p in prompts], device=device)
     input_ids = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    cache = engine.new_cache(batch, longest + max_new_tokens)
+    forward = engine.forward
+    if use_cuda_graphs:
+        from riverllm.engine.cuda_graphs import graph_runner
+
+        runner = graph_runner(engine, batch, longest + max_new_tokens)
+        cache, forward = runner.cache, runner.forward
+    else:
+        cache = engine.new_cache(batch, longest + max_new_tokens)
+    cache.prompt_slots = longest
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -92,7 +103,7 @@ def decode(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     start = time.perf_counter()
-    output = engine.forward(input_ids, cache, 0, pad_counts, policy, river)
+    output = forward(input_ids, cache, 0, pad_counts, policy, river)
     for step in range(max_new_tokens):
         # The warpers used here (temperature, top-k, top-p) do not read the context ids.
         tokens = _sample(output.logits, sampling, input_ids, generator)
@@ -111,7 +122,7 @@ def decode(
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         start = time.perf_counter()
-        output = engine.forward(tokens[:, None], cache, longest + step, pad_counts, policy, river, active_rows=~finished)
+        output = forward(tokens[:, None], cache, longest + step, pad_counts, policy, river, active_rows=~finished)
 
 
 @dataclass

@@ -30,7 +30,10 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 class QuantLinear(nn.Module):
     """A drop-in replacement for `nn.Linear` holding HQQ-quantized weights."""
 
-    def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 64, backend: str = "auto"):
+    def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 64, backend: str = "auto",
+                 quantized: tuple[torch.Tensor, dict] | None = None):
+        """`quantized`: HQQ's (codes, meta) for this weight from an earlier run (see build.py's
+        river cache); when given, the slow HQQ optimisation is skipped."""
         super().__init__()
         weight = linear.weight.detach()
         self.out_features, self.in_features = weight.shape
@@ -39,11 +42,14 @@ class QuantLinear(nn.Module):
         if self.in_features % group_size:
             raise ValueError(f"in_features {self.in_features} is not a multiple of group size {group_size}")
 
-        # HQQ's optimizer runs in fp32 on the weight's own device: a few ms per matrix on a GPU.
-        codes_packed, meta = Quantizer.quantize(
-            weight.float(), nbits=bits, group_size=group_size, optimize=True, axis=1,
-            compute_dtype=torch.float32, device=weight.device,
-        )
+        if quantized is None:
+            # HQQ's optimizer runs in fp32 on the weight's own device: a few ms per matrix on a GPU.
+            quantized = Quantizer.quantize(
+                weight.float(), nbits=bits, group_size=group_size, optimize=True, axis=1,
+                compute_dtype=torch.float32, device=weight.device,
+            )
+        codes_packed, meta = quantized
+        self.hqq_state = {"codes": codes_packed, "scale": meta["scale"], "zero": meta["zero"]}
         self.backend = self._pick_backend(backend, weight.device)
         if self.backend == "dequant":
             self.codes_packed = codes_packed

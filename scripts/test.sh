@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install what the tests need (torch first: its CPU wheel, unless a torch is already there, as on
+# the GPU image), then run the whole test suite. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+export TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+python -m pytest -q -p no:warnings --durations=15 "$@"

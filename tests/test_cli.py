@@ -1,0 +1,144 @@
+"""The `riverllm` command: real subprocesses, checking output, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+CLI = [sys.executable, "-c", "from riverllm.cli import main; main()"]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_hf) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and a 64-token context, saved as a HF directory."""
+    _, tokenizer = smollm2_hf
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_generate_json_on_the_default_model():
+    proc = run("generate", "--prompt", "What is 2 + 3?", "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {"text", "token_ids", "exit_layers", "tokens_per_s"} <= data.keys()
+    assert len(data["token_ids"]) == len(data["exit_layers"]) >= 1
+    assert all(2 <= layer <= 30 for layer in data["exit_layers"])
+
+
+def test_generate_text_prints_answer_and_summary(tiny_dir):
+    proc = run("generate", "--model", str(tiny_dir), "--prompt", "hello", "--method", "dense", "-n", "5", "--raw")
+    assert proc.returncode == 0, proc.stderr
+    assert "tok/s" in proc.stderr and "mean exit layer 6.0/6" in proc.stderr
+
+
+def test_methods_agree_with_library(tiny_dir):
+    import riverllm
+
+    lm = riverllm.load(str(tiny_dir), device="cpu", progress=False)
+    for method in ("dense", "w4", "river:0.5"):
+        proc = run("generate", "--model", str(tiny_dir), "--prompt", "hello there", "--method", method, "-n", "6",
+                   "--json", "--raw")
+        assert proc.returncode == 0, proc.stderr
+        expected = lm.generate("hello there", method=method, max_new_tokens=6, raw=True)
+        assert json.loads(proc.stdout)["token_ids"] == expected.token_ids
+
+
+def test_models_lists_the_packaged_models():
+    proc = run("models", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = {row["name"] for row in json.loads(proc.stdout)}
+    assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"} <= names
+
+
+def test_inspect_writes_a_heatmap(tiny_dir, tmp_path):
+    plot = tmp_path / "sims.png"
+    proc = run("inspect", "--model", str(tiny_dir), "--prompt", "one two three", "--raw", "--plot", str(plot), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["similarities"]) == len(report["tokens"]) and len(report["similarities"][0]) == 6
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "no-such-model"], ["unknown model", "smollm2-135m"]),
+    (["--model", "/nonexistent/model.gguf"], ["not found"]),
+    (["--tau", "nan"], ["tau"]),
+    (["--tau", "50"], ["tau"]),
+    (["--max-new-tokens", "0"], ["max-new-tokens"]),
+    (["--max-new-tokens", "999999"], ["max-new-tokens"]),
+    (["--method", "fast"], ["unknown method"]),
+    (["--method", "dense", "--tau", "0.5"], ["tau"]),
+    (["--temperature", "-1"], ["temperature"]),
+    (["--bits", "5"], ["bits"]),
+])
+def test_bad_arguments_get_one_line_errors(tiny_dir, args, words):
+    base = ["generate", "--prompt", "hi", "--raw"]
+    if "--model" not in args:
+        base += ["--model", str(tiny_dir)]
+    assert_one_line_error(run(*base, *args), *words)
+
+
+def test_empty_and_too_long_prompts(tiny_dir):
+    assert_one_line_error(run("generate", "--model", str(tiny_dir), "--prompt", "   "), "empty")
+    long_prompt = "word " * 200  # far beyond the tiny model's 64-token context
+    assert_one_line_error(run("generate", "--model", str(tiny_dir), "--prompt", long_prompt, "--raw"), "context")
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(os.urandom(4096))
+    assert_one_line_error(run("generate", "--model", str(junk), "--prompt", "hi"), "gguf")
+    from riverllm.loading import ensure_packaged
+
+    real = ensure_packaged("smollm2-135m", progress=False)
+    truncated = tmp_path / "truncated.gguf"
+    with open(real, "rb") as source:
+        truncated.write_bytes(source.read(2_000_000))
+    assert_one_line_error(run("generate", "--model", str(truncated), "--prompt", "hi"), "gguf")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    assert_one_line_error(run("generate", "--model", str(tmp_path), "--prompt", "hi"), "gpt2", "llama")
+
+
+def test_checksum_mismatch_leaves_nothing_behind(tmp_path):
+    # A cache dir of our own, and a registry entry whose checksum cannot match.
+    script = (
+        "import riverllm.loading as L, dataclasses, sys;"
+        "m = L.PACKAGED_MODELS['smollm2-135m'];"
+        "L.PACKAGED_MODELS['smollm2-135m'] = dataclasses.replace(m, sha256='0' * 64);"
+        "from riverllm.cli import main; sys.argv = ['riverllm', 'generate', '--prompt', 'hi']; main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RIVERLLM_CACHE": str(tmp_path)})
+    assert_one_line_error(proc, "checksum")
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
