@@ -10,8 +10,14 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
@@ -19,7 +25,7 @@ TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
-    """A small random model of `family` (llama | qwen2 | gemma3), float32, sdpa attention."""
+    """A small random model of `family` (llama | qwen2 | gemma3 | qwen3 | mistral | phi3), float32, sdpa."""
     torch.manual_seed(seed)
     settings = {**TINY, **overrides}
     if family == "llama":
@@ -33,6 +39,12 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                                   layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
                                                for i in range(n)])
         cls = Gemma3ForCausalLM
+    elif family == "qwen3":
+        config, cls = Qwen3Config(**settings, head_dim=32), Qwen3ForCausalLM
+    elif family == "mistral":
+        config, cls = MistralConfig(**settings, sliding_window=8), MistralForCausalLM
+    elif family == "phi3":
+        config, cls = Phi3Config(**settings, pad_token_id=0), Phi3ForCausalLM
     else:
         raise ValueError(family)
     config._attn_implementation = "sdpa"
@@ -46,7 +58,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
-FAMILIES = ["llama", "qwen2", "gemma3"]
+FAMILIES = ["llama", "qwen2", "gemma3"]  # the full engine suite runs on these
+MORE_FAMILIES = ["qwen3", "mistral", "phi3"]  # and the core equalities on these
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_inspect_writes_a_heatmap(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "no-such-model"], ["unknown model", "smollm2-135m"]),
-    (["--model", "/nonexistent/model.gguf"], ["not found"]),
+    (["--model", "/nonexistent/model.gguf"], ["no such file"]),
     (["--tau", "nan"], ["tau"]),
     (["--tau", "50"], ["tau"]),
     (["--max-new-tokens", "0"], ["max-new-tokens"]),

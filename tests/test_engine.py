@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, MORE_FAMILIES, tiny_model
 from riverllm.engine import RiverEngine, decode
 from riverllm.policy import ExitPolicy
 from riverllm.river import QuantConfig, build_river
@@ -132,3 +132,19 @@ def test_max_backbone_layers_forces_the_exit(family_model):
     _, _, engine, river = family_model
     _, exits = ours(engine, prompt_ids(seed=9), ExitPolicy(tau=1.5, max_backbone_layers=3), river, new_tokens=5)
     assert exits == [3] * 5
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_other_families_dense_and_river_match_transformers(family):
+    model = tiny_model(family)
+    engine = RiverEngine(model)
+    river = build_river(engine.layers, QuantConfig())
+    prompt = prompt_ids(seed=10)
+    reference = hf_greedy(model, prompt)
+    assert ours(engine, prompt, ExitPolicy())[0] == reference
+    assert ours(engine, prompt, ExitPolicy(tau=1.5), river)[0] == reference
+    tokens, exits = ours(engine, prompt, ExitPolicy(tau=-1.5), river)
+    hybrid = copy.deepcopy(model)
+    for index in range(2, engine.num_layers):
+        hybrid.model.layers[index] = river[index]
+    assert exits == [2] * NEW_TOKENS and tokens == hf_greedy(hybrid, prompt)

@@ -38,6 +38,22 @@ class StreamEvent:
     result: GenerationResult | None = None  # set on the last event only
 
 
+def check_generation_options(method: str | Method = "river", tau: float | None = None, max_new_tokens: int = 128,
+                             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                             bits: int | None = None, **_ignored) -> Method:
+    """Validate what can be validated without a model (so that a typo fails before a slow load)."""
+    method = Method.parse(method, bits) if isinstance(method, str) else method
+    if tau is not None:
+        if not method.uses_tau:
+            raise RiverError(f"--tau only applies to methods with an exit threshold, not '{method.name}'")
+        method = Method(method.kind, method.bits, check_tau(tau), method.schedule)
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise RiverError(f"max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+    if temperature < 0 or math.isnan(temperature) or not 0 < top_p <= 1 or top_k < 0:
+        raise RiverError("sampling settings out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+    return method
+
+
 class RiverLM:
     def __init__(self, model: nn.Module, tokenizer, name: str = "custom", quant: QuantConfig = QuantConfig(),
                  progress: bool = False, river_cache_dir: Path | None = None):
@@ -143,13 +159,7 @@ class RiverLM:
 
     def _policy(self, method: str | Method, tau: float | None, bits: int | None, min_exit_layer: int,
                 max_backbone_layers: int | None) -> tuple[Method, ExitPolicy, nn.ModuleList | None]:
-        method = Method.parse(method, bits) if isinstance(method, str) else method
-        if tau is not None:
-            if not method.uses_tau:
-                raise RiverError(f"--tau only applies to methods with an exit threshold, not '{method.name}'")
-            method = Method(method.kind, method.bits, check_tau(tau), method.schedule)
-        elif method.tau is not None:
-            check_tau(method.tau)
+        method = check_generation_options(method, tau, bits=bits)
         if max_backbone_layers is not None and not 0 <= max_backbone_layers <= self.num_layers:
             raise RiverError(f"max_backbone_layers must be in 0..{self.num_layers}, got {max_backbone_layers}")
         if not 0 <= min_exit_layer < self.num_layers:
@@ -164,8 +174,6 @@ class RiverLM:
         return method, policy, river
 
     def _check_lengths(self, prompt_ids: Sequence[list[int]], max_new_tokens: int) -> int:
-        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise RiverError(f"max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
         longest = max(len(ids) for ids in prompt_ids)
         if longest >= self.context_length:
             raise RiverError(f"the prompt has {longest} tokens but the model's context window is "
@@ -181,8 +189,7 @@ class RiverLM:
         yields (row, event) as tokens arrive; each row's last event carries its result."""
         if not prompts:
             raise RiverError("no prompts given")
-        if temperature < 0 or math.isnan(temperature) or not 0 < top_p <= 1 or top_k < 0:
-            raise RiverError("sampling settings out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits)
         method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers)
         prompt_ids = [self.encode(p, raw) for p in prompts]
         budget = self._check_lengths(prompt_ids, max_new_tokens)
