@@ -159,13 +159,13 @@ class RiverEngine:
                     raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {self.resident_layers}")
                 output = self._run_layer(self.layers[index], index, hidden, slots, pad_counts, cache, masks[layer_type],
                                          rope[layer_type], with_pending=strategy == "recompute")
+                lowest = 0.0  # not looked at by policies that do not compare (forced exits)
                 if compare:
                     similarity = F.cosine_similarity(hidden.float(), output.float(), dim=-1)
                     similarities.append(similarity)
-                    lowest = similarity.masked_fill(~deciding, float("inf")).min()
-                    if policy.exits_after(index + 1, lowest.item()):
-                        exit_layer = index + 1
-                elif policy.exits_after(index + 1, 0.0):
+                    # The one device-to-host read per backbone layer.
+                    lowest = similarity.masked_fill(~deciding, float("inf")).min().item()
+                if exit_layer == self.num_layers and policy.exits_after(index + 1, lowest):
                     exit_layer = index + 1
                 hidden = exit_hidden = output
             elif strategy == "river":
