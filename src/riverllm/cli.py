@@ -56,10 +56,17 @@ def generate(
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Generate text with River-LLM (or the dense / w4 baselines)."""
-    lm = load_lm(model, device, bits, group_size, quiet=as_json)
+    from riverllm.api import check_generation_options
+    from riverllm.river import QuantConfig
+
     options = dict(method=method, tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, seed=seed, stop=stop, raw=raw, bits=bits, min_exit_layer=min_exit_layer,
                    max_backbone_layers=max_backbone_layers)
+    check_generation_options(**options)  # fail on a typo before the slow load
+    QuantConfig(bits, group_size)
+    if not prompt.strip():
+        raise RiverError("the prompt is empty: pass some text with --prompt")
+    lm = load_lm(model, device, bits, group_size, quiet=as_json)
     if as_json:
         result = lm.generate(prompt, **options)
         typer.echo(json.dumps({"model": model, **result.to_dict()}))
@@ -162,6 +169,136 @@ def inspect(
     Console().print(table)
     if plot is not None:
         typer.echo(f"heat-map written to {plot}", err=True)
+
+
+@app.command()
+def serve(
+    model: str = ModelOption,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    method: str = typer.Option("river", help="default method for requests that name none (dense | w4 | river ...)"),
+    tau: Optional[float] = typer.Option(None, help="default exit threshold for river (default: per model)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RIVERLLM_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1/*"),
+    max_queue: int = typer.Option(256, "--max-queue", help="requests allowed to wait; more get HTTP 429"),
+    bits: int = typer.Option(4, help="river bit width of the default method"),
+    group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
+    device: Optional[str] = DeviceOption,
+) -> None:
+    """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, streaming)."""
+    from riverllm.server import ServerSettings
+    from riverllm.server import serve as run_server
+
+    settings = ServerSettings(host=host, port=port, method=method, tau=tau, api_key=api_key, max_queue=max_queue)
+    settings.check()  # fail on a bad flag or a busy port before loading the model
+    run_server(load_lm(model, device, bits, group_size), settings)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = ModelOption,
+    tasks: str = typer.Option("humaneval,gsm8k,asdiv,ppl", help="comma-separated: humaneval, gsm8k, asdiv, ppl"),
+    methods: str = typer.Option("dense,w4,river:0.8,river:0.9,river:0.95",
+                                help="comma-separated: dense, w4, river:TAU, river3:TAU, recompute:TAU, "
+                                     "propagate:TAU, mask:TAU, monotonic:START-END"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (resumed if it holds a run)"),
+    limit: Optional[int] = typer.Option(None, help="samples per task (a fixed subset); ppl: windows"),
+    max_new_tokens: Optional[str] = typer.Option(
+        None, "--max-new-tokens", help="N for every task, or TASK=N,... (default humaneval 384, gsm8k/asdiv 320)"),
+    ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="tokens scored by ppl in all"),
+    ppl_window: int = typer.Option(256, "--ppl-window", help="tokens scored per ppl window"),
+    seed: int = typer.Option(0, help="seed of asdiv's subset under --limit"),
+    bits: int = typer.Option(4, help="river bit width for methods that name none"),
+    group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    device: Optional[str] = DeviceOption,
+) -> None:
+    """Measure accuracy and speed of every method on real tasks; writes report.md, summary.json and plots."""
+    from riverllm.eval.report import markdown_table
+    from riverllm.eval.runner import EvalConfig, run_eval
+
+    config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, ppl_tokens=ppl_tokens,
+                              ppl_window=ppl_window, seed=seed, progress=not quiet)
+    summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet), config)
+    typer.echo(markdown_table(summary))
+    typer.echo(f"report written to {out / 'report.md'}", err=True)
+
+
+@app.command()
+def bench(
+    shapes: Optional[str] = typer.Option(None, "--shapes", help="comma-separated shapes (random weights): "
+                                         "llama-3.2-1b, llama-3.1-8b, qwen2.5-1.5b, smollm2-135m, tiny; "
+                                         "default: the first three on CUDA, tiny on CPU"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="real weights instead: " + MODEL_HELP),
+    device: Optional[str] = DeviceOption,
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="folder for bench.json, bench.md, bench.png"),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="prompt length (256 on CUDA, 32 on CPU)"),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="tokens to decode (256 on CUDA, 16 on CPU)"),
+    prefill_tokens: Optional[int] = typer.Option(None, "--prefill-tokens", help="prompt for the prefill time "
+                                                 "(2048 on CUDA, 128 on CPU)"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="timed repeats, median taken"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="exit-depth profile: a `riverllm generate "
+                                           "--json` output (default: the shipped SmolLM2-135M one)"),
+    tau: float = typer.Option(0.9, help="with --model: the river's exit threshold"),
+    prompts: str = typer.Option("random", "--prompts", help="with --model: random | humaneval"),
+    num_prompts: int = typer.Option(5, "--num-prompts", help="with --model: how many prompts"),
+    max_backbone_layers: int = typer.Option(8, "--max-backbone-layers", help="the memory-saving row: backbone "
+                                            "layers kept in memory"),
+    group_size: int = typer.Option(64, "--group-size", help="quantization group size of the river"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 (CUDA default) | float16 | float32 (CPU default)"),
+    graphs: Optional[bool] = typer.Option(None, "--graphs/--no-graphs", help="CUDA graphs for our engine "
+                                          "(default: on with CUDA)"),
+    hf_compile: Optional[bool] = typer.Option(None, "--hf-compile/--no-hf-compile", help="time transformers "
+                                              "with static cache + torch.compile (default: on with CUDA)"),
+    copy_mib: Optional[int] = typer.Option(None, "--copy-mib", help="size of the bandwidth-measuring copy"),
+    seed: int = typer.Option(0, help="seed for the random weights and prompts"),
+) -> None:
+    """Time dense, w4 and River-LLM against transformers, side by side: bench.json, bench.md, bench.png."""
+    from riverllm.bench import BenchSettings, run_bench, write_outputs
+
+    settings = BenchSettings(
+        shapes=tuple(s.strip() for s in shapes.split(",") if s.strip()) if shapes else (), model=model,
+        device=device, dtype=dtype, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        prefill_tokens=prefill_tokens, repeats=repeats, profile=profile, tau=tau, prompts=prompts,
+        num_prompts=num_prompts, max_backbone_layers=max_backbone_layers, group_size=group_size, graphs=graphs,
+        hf_compile=hf_compile, copy_mib=copy_mib, seed=seed)
+    results = run_bench(settings)
+    command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
+    paths = write_outputs(results, out, command=command)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"written: {paths['json']}, {paths['markdown']}, {paths['plot']}", err=True)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: str = ModelOption,
+    target_agree: Optional[float] = typer.Option(None, "--target-agree", help="least share of positions whose "
+                                                 "greedy token equals dense's, in (0, 1], e.g. 0.9"),
+    target_kl: Optional[float] = typer.Option(None, "--target-kl", help="largest mean KL(dense || river) in "
+                                              "nats, > 0, e.g. 0.05"),
+    text: Optional[Path] = typer.Option(None, "--text", help="calibration text file (default: held-out Brown "
+                                        "corpus windows, disjoint from what `riverllm eval` reads)"),
+    tokens: int = typer.Option(256, "--tokens", help="positions scored (more: a steadier tau, a slower run)"),
+    bits: int = typer.Option(4, help="river bit width to calibrate: 2, 3, 4 or 8"),
+    group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
+    as_json: bool = typer.Option(False, "--json", help="print the profile entry as JSON"),
+    device: Optional[str] = DeviceOption,
+) -> None:
+    """Find the lowest tau that meets a fidelity target and save it as this model's default."""
+    from riverllm.calibrate import Target, calibrate_and_save, read_text_file, summary_lines
+
+    target = Target.from_options(target_agree, target_kl)  # bad flags fail before the slow load
+    if text is not None:
+        read_text_file(text)
+    if tokens < 1:
+        raise RiverError(f"--tokens must be at least 1, got {tokens}")
+    lm = load_lm(model, device, bits, group_size, quiet=as_json)
+    result, path = calibrate_and_save(lm, target, text, tokens, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "profile": str(path), **result.profile_entry()}))
+        return
+    for line in summary_lines(result, path):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ hide behind that overhead. So decoding replays captured CUDA graphs:
 
 - one *embed* graph: token embedding, position ids, RoPE cos/sin and the attention masks of the
   new token, written into static buffers every later graph reads;
-- one *backbone* graph per decoder layer j (two variants: with and without the exit rule's
-  cosine, which it writes into a device scalar);
+- one *backbone* graph per decoder layer j, in two variants: plain, and with the exit rule's
+  cosine written into a static device buffer (used only at layers where the rule can decide:
+  at batch 1 it is a dozen tiny kernels, worth skipping elsewhere);
 - one *suffix* graph per exit layer l (0..L): twins l+1..L, final norm and LM head, writing the
   logits into a static buffer. Exit L is the plain head (dense); exit 0 is all twins (w4).
 
@@ -174,11 +175,21 @@ class GraphRunner:
     def _backbone_step(self, index: int, with_similarity: bool) -> None:
         output = self.engine.layers[index](self.hidden, **self.layer_kwargs[index])
         if with_similarity:
+            # A dozen tiny kernels per layer, so only where the rule reads it (see `forward`).
             similarity = F.cosine_similarity(self.hidden.float(), output.float(), dim=-1)  # [batch, 1]
             self.row_similarity[index].copy_(similarity)
-            lowest = similarity.masked_fill(~self.deciding[:, None], math.inf).min()
-            self.lowest_similarity[index].copy_(lowest)
+            if self.batch_size > 1:  # at batch 1 the host reads row_similarity itself
+                lowest = similarity.masked_fill(~self.deciding[:, None], math.inf).min()
+                self.lowest_similarity[index].copy_(lowest)
         self.hidden.copy_(output)
+
+    def _lowest_similarity(self, index: int) -> float:
+        """The one device-to-host read of the exit rule: the minimum cosine over deciding rows.
+        (At batch 1 the single row decides: a finished row ends the generation anyway.)"""
+        self.similarity_reads += 1
+        if self.batch_size == 1:
+            return self.row_similarity[index, 0, 0].item()
+        return self.lowest_similarity[index].item()
 
     def _suffix_step(self, exit_layer: int, river: nn.ModuleList | None) -> None:
         hidden = self.hidden
@@ -268,14 +279,17 @@ class GraphRunner:
             if index >= self.engine.resident_layers:
                 raise RuntimeError(f"backbone layer {index + 1} was freed; "
                                    f"set max_backbone_layers <= {self.engine.resident_layers}")
-            self._run(("backbone", index, compare), lambda i=index, c=compare: self._backbone_step(i, c))
+            layer = index + 1
+            # The cosine is computed and read only where it can change the decision (the rule
+            # answers differently for s = +inf and s = -inf), or where it is asked for.
+            decides = compare and policy.exits_after(layer, math.inf) != policy.exits_after(layer, -math.inf)
+            with_similarity = decides or (compare and record_similarities)
+            self._run(("backbone", index, with_similarity),
+                      lambda i=index, c=with_similarity: self._backbone_step(i, c))
             if compare and record_similarities:
                 similarities.append(self.row_similarity[index].clone())
-            layer = index + 1
-            # Read the cosine only where it can change the decision.
-            if compare and policy.exits_after(layer, math.inf) != policy.exits_after(layer, -math.inf):
-                self.similarity_reads += 1
-                leaves = policy.exits_after(layer, self.lowest_similarity[index].item())
+            if decides:
+                leaves = policy.exits_after(layer, self._lowest_similarity(index))
             else:
                 leaves = policy.exits_after(layer, 0.0)
             if leaves:
