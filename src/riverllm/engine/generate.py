@@ -98,31 +98,30 @@ def decode(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
+    eos = set(eos_token_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Kept on the host: reading the sampled tokens is the one device sync per step.
+    finished = [False] * batch
 
     start = time.perf_counter()
     output = forward(input_ids, cache, 0, pad_counts, policy, river)
     for step in range(max_new_tokens):
         # The warpers used here (temperature, top-k, top-p) do not read the context ids.
-        tokens = _sample(output.logits, sampling, input_ids, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        token_list = tokens.tolist()  # the device sync: the step is done here
+        sampled = _sample(output.logits, sampling, input_ids, generator).tolist()
         now = time.perf_counter()
-        for row, token in enumerate(token_list):
-            if not finished[row]:
-                generated[row].append(token)
-        finished |= torch.isin(tokens, eos)
-        if stop_check is not None:
-            for row in range(batch):
-                if not finished[row] and stop_check(row, generated[row]):
-                    finished[row] = True
-        yield StepEvent(step, token_list, output.exit_layer, now - start, finished.tolist())
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        tokens = [pad_token_id if done else token for token, done in zip(sampled, finished)]
+        for row, token in enumerate(tokens):
+            if finished[row]:
+                continue
+            generated[row].append(token)
+            finished[row] = token in eos or (stop_check is not None and stop_check(row, generated[row]))
+        yield StepEvent(step, tokens, output.exit_layer, now - start, list(finished))
+        if all(finished) or step == max_new_tokens - 1:
             return
         start = time.perf_counter()
-        output = forward(tokens[:, None], cache, longest + step, pad_counts, policy, river, active_rows=~finished)
+        active_rows = None if batch == 1 else torch.tensor([not done for done in finished], device=device)
+        output = forward(torch.tensor(tokens, device=device)[:, None], cache, longest + step, pad_counts, policy,
+                         river, active_rows=active_rows)
 
 
 @dataclass
