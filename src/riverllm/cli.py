@@ -208,6 +208,7 @@ def eval_command(
     ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="tokens scored by ppl in all"),
     ppl_window: int = typer.Option(256, "--ppl-window", help="tokens scored per ppl window"),
     seed: int = typer.Option(0, help="seed of asdiv's subset under --limit"),
+    metrics: Optional[str] = typer.Option(None, help="extra columns, e.g. match,agree,kl (default: all; none: none)"),
     bits: int = typer.Option(4, help="river bit width for methods that name none"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -217,7 +218,7 @@ def eval_command(
     from riverllm.eval.report import markdown_table
     from riverllm.eval.runner import EvalConfig, run_eval
 
-    config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, ppl_tokens=ppl_tokens,
+    config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, metrics, ppl_tokens=ppl_tokens,
                               ppl_window=ppl_window, seed=seed, progress=not quiet)
     summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet), config)
     typer.echo(markdown_table(summary))

