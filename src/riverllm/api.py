@@ -194,9 +194,9 @@ class RiverLM:
         prompt_ids = [self.encode(p, raw) for p in prompts]
         budget = self._check_lengths(prompt_ids, max_new_tokens)
         stops = [s for s in (stop or []) if s]
-        texts = [""] * len(prompts)
-        emitted = [0] * len(prompts)  # characters of texts[row] already streamed
-        stopped_by_string = [False] * len(prompts)
+        emitted = [0] * len(prompts)  # characters of a row's text already streamed
+        stop_at: list[int | None] = [None] * len(prompts)  # where a stop string begins in a row's text
+        decoded: dict[int, str] = {}  # text stop_check decoded this step, reused below
         exit_layers: list[list[int]] = [[] for _ in prompts]
         times: list[list[float]] = [[] for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
@@ -205,11 +205,9 @@ class RiverLM:
         def stop_check(row: int, generated: list[int]) -> bool:
             if not stops:
                 return False
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                stopped_by_string[row] = True
-            return hit >= 0
+            text = decoded[row] = self.tokenizer.decode(generated, skip_special_tokens=True)
+            stop_at[row] = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+            return stop_at[row] is not None
 
         done = [False] * len(prompts)
         sampling = SamplingConfig(temperature, top_p, top_k, seed)
@@ -222,21 +220,20 @@ class RiverLM:
                 ids[row].append(token)
                 exit_layers[row].append(event.exit_layer)
                 times[row].append(event.seconds)
-                text = self.tokenizer.decode(ids[row], skip_special_tokens=True)
-                if stopped_by_string[row]:
-                    text = text[: min(i for i in (text.find(s) for s in stops) if i >= 0)]
+                text = decoded.pop(row, None) or self.tokenizer.decode(ids[row], skip_special_tokens=True)
+                if stop_at[row] is not None:
+                    text = text[: stop_at[row]]
                 # Hold back an incomplete multi-byte character (shown as U+FFFD until complete).
                 safe = len(text) if event.finished[row] else len(text.rstrip("\ufffd"))
                 delta = text[emitted[row]:safe] if safe > emitted[row] else ""
                 emitted[row] = max(emitted[row], safe)
-                texts[row] = text
                 result = None
                 if event.finished[row] or len(ids[row]) >= budget:
                     done[row] = True
                     hit_eos = bool(eos) and token in eos
                     result = GenerationResult(
                         text=text, token_ids=ids[row], exit_layers=exit_layers[row], token_times=times[row],
-                        finish_reason="stop" if (hit_eos or stopped_by_string[row]) else "length",
+                        finish_reason="stop" if (hit_eos or stop_at[row] is not None) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
                     )
                 yield row, StreamEvent(delta, token, event.exit_layer, result)
