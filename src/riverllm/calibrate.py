@@ -48,12 +48,12 @@ import torch
 from riverllm.errors import RiverError
 from riverllm.fidelity import Fidelity, Reference, References, Segment, final_hidden_states, measure, stepwise_reference
 from riverllm.policy import ExitPolicy
+from riverllm.profiles import write_profile_entry
 
 if TYPE_CHECKING:
     from riverllm.api import RiverLM
 
 NEVER_EXIT_TAU = 1.5  # above any cosine: the river never runs, the output is dense's
-PROFILE_FORMAT = 1
 
 # The default calibration text: Brown corpus windows held out from everything `riverllm eval`
 # reads. The eval's ppl task (and the fidelity measured on it) reads the first 8 * (16 + window)
@@ -105,69 +105,6 @@ class Target:
 
     def describe(self) -> str:
         return f"agree >= {self.value:g}" if self.metric == "agree" else f"kl <= {self.value:g}"
-
-
-# --- profiles -----------------------------------------------------------------------------------
-
-
-def profiles_dir() -> Path:
-    from riverllm.loading import cache_dir
-
-    return cache_dir() / "profiles"
-
-
-def profile_path(model: str) -> Path:
-    """profiles_dir()/<model>.json. A packaged name is used as is; a path is reduced to its file
-    name plus a hash of its absolute location, so two models in different folders with the same
-    file name keep separate profiles."""
-    path = Path(model).expanduser()
-    if path.exists():
-        resolved = str(path.resolve())
-        name = f"{path.resolve().name}-{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
-    else:
-        name = model
-    return profiles_dir() / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") + ".json")
-
-
-def entry_key(bits: int, group_size: int) -> str:
-    return f"{bits}bit-g{group_size}"
-
-
-def read_profile(model: str) -> dict:
-    """The model's profile ({} when it has none). A file that is not a profile is an error, not
-    something to silently ignore: the user then runs with another tau than they calibrated."""
-    path = profile_path(model)
-    if not path.exists():
-        return {}
-    try:
-        profile = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(profile, dict) or not isinstance(profile.get("entries", {}), dict):
-            raise ValueError("not a riverllm profile")
-    except (OSError, ValueError) as error:
-        raise RiverError(f"the calibration profile {path} is unreadable ({error}); "
-                         "delete it or run `riverllm calibrate` again") from None
-    return profile
-
-
-def load_profile_taus(model: str, group_size: int) -> dict[int, float]:
-    """{bits: tau} calibrated for this model at this group size (RiverLM.load reads it)."""
-    taus = {}
-    for entry in read_profile(model).get("entries", {}).values():
-        if entry.get("group_size") == group_size and isinstance(entry.get("tau"), (int, float)):
-            taus[int(entry["bits"])] = float(entry["tau"])
-    return taus
-
-
-def write_profile_entry(model: str, entry: dict) -> Path:
-    """Add or replace the entry for entry["bits"], entry["group_size"]; atomically."""
-    from riverllm.eval.report import write_text_atomic
-
-    path = profile_path(model)
-    profile = read_profile(model) or {"format": PROFILE_FORMAT, "model": model, "entries": {}}
-    profile["entries"][entry_key(entry["bits"], entry["group_size"])] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(profile, indent=2) + "\n")
-    return path
 
 
 # --- calibration text ---------------------------------------------------------------------------

@@ -76,10 +76,10 @@ class Reference:
 
     def save(self, path: Path) -> None:
         """Write atomically: a reference cut off half-way must never be read back."""
-        from riverllm.eval.report import _write_atomic
+        from riverllm.files import write_atomic
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda temp: torch.save({"hidden": self.hidden}, temp))
+        write_atomic(path, lambda temp: torch.save({"hidden": self.hidden}, temp))
 
     @classmethod
     def load(cls, path: Path) -> Reference:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from riverllm.files import write_atomic
 from riverllm.policy import ExitPolicy
 
 
@@ -49,14 +48,7 @@ def write_heatmap(report: dict, path: Path) -> None:
     fig.colorbar(image, ax=ax, label="cos(h_{l-1}, h_l)")
     ax.set_title("state transition similarity")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        write_atomic(path, lambda temp: fig.savefig(temp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

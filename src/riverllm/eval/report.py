@@ -17,13 +17,11 @@ in the same directory and renamed into place, so an interrupted run never leaves
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from riverllm.eval.metrics import MetricProvider
+from riverllm.files import write_atomic, write_text_atomic
 
 RowKey = tuple[str, str]
 
@@ -74,26 +72,6 @@ def exit_histogram(records: list[dict], num_layers: int) -> list[int]:
         for layer in record.get("exit_layers", []):
             counts[min(max(layer, 0), num_layers)] += 1
     return counts
-
-
-# --- writing files atomically -------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(temp_path) and rename the result into place."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; a report is meant to be read
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
 # --- report.md ----------------------------------------------------------------------------------
@@ -169,7 +147,7 @@ def markdown_report(summary: dict) -> str:
 
 
 def _save_figure(figure, path: Path) -> None:
-    _write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
 
 
 def pareto_figure(summary: dict, path: Path) -> None:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from riverllm.errors import RiverError
 from riverllm.eval.metrics import MetricContext, load_metric_providers
-from riverllm.eval.report import add_speedups, columns, exit_histogram, summary_row, write_outputs, write_text_atomic
+from riverllm.eval.report import add_speedups, columns, exit_histogram, summary_row, write_outputs
+from riverllm.files import write_text_atomic
 from riverllm.eval.sandbox import SandboxLimits
 from riverllm.eval.tasks import TASK_NAMES, Sample, Task, make_task
 from riverllm.policy import Method

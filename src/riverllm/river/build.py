@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from riverllm.files import write_atomic
 from riverllm.river.quant import QuantLinear
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -108,15 +107,7 @@ def _save(river: nn.ModuleList, path: Path) -> None:
         for name, module in twin.named_modules():
             if isinstance(module, QuantLinear):
                 state[f"{index}.{name}"] = {k: v.cpu() for k, v in module.hqq_state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda temp: torch.save(state, temp))
 
 
 def river_memory_bytes(river: nn.ModuleList) -> int:
