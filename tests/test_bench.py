@@ -176,7 +176,7 @@ def test_replayed_exits_with_and_without_reads_take_the_same_path():
         for graphs in (False, True):
             events = list(decode(engine, [prompt], ReplayedExits(exits=schedule, read_similarity=read), river,
                                  len(schedule), use_cuda_graphs=graphs))
-            runs[read, graphs] = [e.tokens[0] for e in events], [e.exit_layer for e in events]
+            runs[read, graphs] = [e.tokens[0] for e in events], [e.exit_layers[0] for e in events]
     assert runs[False, False][1] == list(schedule)
     assert len(set(map(str, runs.values()))) == 1
     # With reads, the static path reads exactly layers 2..exit of each decoding step.

@@ -27,18 +27,17 @@ def prompt_ids(n: int, seed: int, vocab: int = 320) -> list[int]:
 
 def run(engine, prompts, policy, river, graphs: bool, new_tokens: int = NEW_TOKENS):
     events = list(decode(engine, prompts, policy, river, new_tokens, use_cuda_graphs=graphs))
-    return [e.tokens for e in events], [e.exit_layer for e in events]
+    return [e.tokens for e in events], [e.exit_layers for e in events]
 
 
 def mixed_tau(engine, river, prompt) -> float:
     """A threshold under which the exits of the generated tokens really vary (several layers)."""
     cache = engine.new_cache(1, len(prompt))
-    out = engine.forward(torch.tensor([prompt], device=engine.device), cache, 0,
-                         torch.zeros(1, dtype=torch.long, device=engine.device), ExitPolicy(),
-                         record_similarities=True)
+    out = engine.forward(torch.tensor([prompt], device=engine.device), cache, ExitPolicy(), record_similarities=True)
     sims = sorted(torch.cat([s[0] for s in out.similarities[1:]]).tolist())
     candidates = [sims[int(q * (len(sims) - 1))] for q in (0.5, 0.3, 0.7, 0.2, 0.8, 0.9)]
-    spread = {tau: len(set(run(engine, [prompt], ExitPolicy(tau=tau), river, graphs=False)[1])) for tau in candidates}
+    spread = {tau: len({e[0] for e in run(engine, [prompt], ExitPolicy(tau=tau), river, graphs=False)[1]})
+              for tau in candidates}
     return max(candidates, key=lambda tau: spread[tau])
 
 
@@ -71,30 +70,40 @@ def test_static_path_matches_eager(family, name):
     static = run(engine, [prompt], policy, river, graphs=True)
     assert static == eager
     if name == "river":
-        assert len(set(eager[1])) > 1, "tau should give a mix of exit layers"
+        assert len({e[0] for e in eager[1]}) > 1, "tau should give a mix of exit layers"
 
 
-@pytest.mark.parametrize("name", ["dense", "river"])
-def test_static_path_with_left_padding_and_batch(family, name):
+@pytest.mark.parametrize("name", ["dense", "river", "river-batch-min"])
+def test_static_path_with_batch_of_different_lengths(family, name):
+    """Rows of different lengths, exiting at different layers ("blend" steps): the static path
+    gives every row the eager engine's tokens and exits."""
     engine, river = family
-    prompts = [prompt_ids(4, seed=2), prompt_ids(11, seed=3)]
-    policy = make_policy(name, engine, river, prompts[1])
-    assert run(engine, prompts, policy, river, graphs=True) == run(engine, prompts, policy, river, graphs=False)
+    prompts = [prompt_ids(4, seed=2), prompt_ids(11, seed=3), prompt_ids(7, seed=4)]
+    if name == "river-batch-min":
+        policy = ExitPolicy(tau=engine.test_tau, exit_rule="batch-min")
+    else:
+        policy = make_policy(name, engine, river, prompts[1])
+    static = run(engine, prompts, policy, river, graphs=True)
+    assert static == run(engine, prompts, policy, river, graphs=False)
+    if name == "river":
+        assert any(len(set(step)) > 1 for step in static[1]), "rows should leave at different layers"
 
 
 def test_static_logits_and_similarities_match_eager_step(family):
     engine, river = family
     prompt = prompt_ids(9, seed=4)
-    pad = torch.zeros(1, dtype=torch.long)
     runner = GraphRunner(engine, batch_size=1, max_len=32, use_graphs=False)
-    cache = engine.new_cache(1, 32)
+    cache = engine.new_cache(1, 32, track_filled=True)
+    runner.cache = engine.new_cache(1, 32, track_filled=True)
     policy = ExitPolicy(tau=0.5)
-    token = torch.tensor([prompt])
-    for slot_start, ids in ((0, token), (len(prompt), torch.tensor([[7]])), (len(prompt) + 1, torch.tensor([[11]]))):
-        eager = engine.forward(ids, cache, slot_start, pad, policy, river, record_similarities=True)
-        static = runner.forward(ids, runner.cache, slot_start, pad, policy, river, record_similarities=True)
-        assert static.exit_layer == eager.exit_layer
-        torch.testing.assert_close(static.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    for ids in (torch.tensor([prompt]), torch.tensor([[7]]), torch.tensor([[11]])):
+        eager = engine.forward(ids, cache, policy, river, record_similarities=True)
+        static = runner.forward(ids, runner.cache, policy, river, record_similarities=True)
+        assert static.exit_layers == eager.exit_layers
+        # The static path attends over all 32 slots (masked), the eager one over the visible ones:
+        # sums in another order, ~1e-7 apart, which the twins' bf16 activations can round apart
+        # by one bf16 step (~4e-3 relative) before their int4 matmul.
+        torch.testing.assert_close(static.logits, eager.logits, rtol=1e-2, atol=5e-3)
         assert len(static.similarities) == len(eager.similarities)
         for a, b in zip(static.similarities, eager.similarities):
             torch.testing.assert_close(a[:, -1:], b[:, -1:], rtol=1e-5, atol=1e-5)
@@ -103,7 +112,7 @@ def test_static_logits_and_similarities_match_eager_step(family):
     assert runner.cache.is_complete(visible) and not runner.cache.filled[:, :, visible:].any()
     for j in range(engine.num_layers):
         torch.testing.assert_close(runner.cache.keys[j][:, :, :visible], cache.keys[j][:, :, :visible],
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=1e-2, atol=2e-2)  # twins' K/V: see the bf16 note above
 
 
 def test_exit_rule_reads_one_float_per_deciding_layer(family):
@@ -113,7 +122,7 @@ def test_exit_rule_reads_one_float_per_deciding_layer(family):
     events = list(decode(engine, [prompt], policy, river, NEW_TOKENS, use_cuda_graphs=True))
     runner = engine._graph_runner
     # Decoding steps (not the eager prefill) read layers 2..exit: exit - 1 floats each.
-    assert runner.similarity_reads == sum(e.exit_layer - 1 for e in events[1:])
+    assert runner.similarity_reads == sum(e.exit_layers[0] - 1 for e in events[1:])
     # Dense and forced exits read nothing.
     before = runner.similarity_reads
     list(decode(engine, [prompt], ExitPolicy(), None, 4, use_cuda_graphs=True))
@@ -133,7 +142,7 @@ def test_runner_is_reused_and_rebuilt_when_stale():
     assert engine._graph_runner.max_len == 512
     stale = engine._graph_runner
     engine.layers[5] = torch.nn.Identity()  # what RiverLM.free_backbone does
-    engine.resident_layers = 5
+    engine.free_layers(5)
     assert not stale.matches(engine) and graph_runner(engine, 1, 20) is not stale
     limited = run(engine, [prompt], ExitPolicy(tau=0.5, max_backbone_layers=5), river, graphs=True)
     assert limited == run(engine, [prompt], ExitPolicy(tau=0.5, max_backbone_layers=5), river, graphs=False)
@@ -198,15 +207,14 @@ def test_cuda_graphs_bf16_smollm2_teacher_forced_agreement():
     eager = lm.generate(text, method="dense", max_new_tokens=96, ignore_eos=True)
     engine = lm.engine
     runner = graph_runner(engine, 1, len(prompt) + len(eager.token_ids))
-    pad = torch.zeros(1, dtype=torch.long, device="cuda")
     cache = engine.new_cache(1, len(prompt) + len(eager.token_ids))
     policy = ExitPolicy()
-    eager_out = engine.forward(torch.tensor([prompt], device="cuda"), cache, 0, pad, policy)
-    graph_out = runner.forward(torch.tensor([prompt], device="cuda"), runner.cache, 0, pad, policy)
+    engine.forward(torch.tensor([prompt], device="cuda"), cache, policy)
+    runner.forward(torch.tensor([prompt], device="cuda"), runner.cache, policy)
     agree = 0
-    for step, token in enumerate(eager.token_ids[:-1]):
+    for token in eager.token_ids[:-1]:
         ids_t = torch.tensor([[token]], device="cuda")
-        eager_out = engine.forward(ids_t, cache, len(prompt) + step, pad, policy)
-        graph_out = runner.forward(ids_t, runner.cache, len(prompt) + step, pad, policy)
+        eager_out = engine.forward(ids_t, cache, policy)
+        graph_out = runner.forward(ids_t, runner.cache, policy)
         agree += int(eager_out.logits.argmax() == graph_out.logits.argmax())
     assert agree >= 0.95 * (len(eager.token_ids) - 1)

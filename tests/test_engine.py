@@ -94,17 +94,16 @@ def test_batch_with_left_padding_matches_transformers(family_model):
 def test_kv_cache_has_no_holes_whatever_the_exits(family_model):
     _, _, engine, river = family_model
     prompt = prompt_ids(9, seed=7)
-    cache = engine.new_cache(1, len(prompt) + 24)
-    pad_counts = torch.zeros(1, dtype=torch.long)
+    cache = engine.new_cache(1, len(prompt) + 24, track_filled=True)
     rng = torch.Generator().manual_seed(0)
     exit_at = torch.randint(0, engine.num_layers + 1, (25,), generator=rng).tolist()
-    out = engine.forward(torch.tensor([prompt]), cache, 0, pad_counts, ExitPolicy(force_exit_layer=exit_at[0]), river)
+    out = engine.forward(torch.tensor([prompt]), cache, ExitPolicy(force_exit_layer=exit_at[0]), river)
     assert out.exit_layer == exit_at[0] and cache.is_complete(len(prompt))
     seen = set()
     for step in range(24):
         slot = len(prompt) + step
         token = out.logits.argmax(-1, keepdim=True)
-        out = engine.forward(token, cache, slot, pad_counts, ExitPolicy(force_exit_layer=exit_at[step + 1]), river)
+        out = engine.forward(token, cache, ExitPolicy(force_exit_layer=exit_at[step + 1]), river)
         seen.add(out.exit_layer)
         assert cache.is_complete(slot + 1), f"hole after step {step} (exit layer {out.exit_layer})"
         assert not cache.filled[:, :, slot + 1:].any()
@@ -113,18 +112,41 @@ def test_kv_cache_has_no_holes_whatever_the_exits(family_model):
     assert len(seen) > 3  # the mix of exits really was mixed
 
 
+def test_kv_cache_has_no_holes_after_mixed_per_row_exits(family_model):
+    """A batch whose rows leave at different layers in the same step: every row still has K/V
+    at every layer for every slot it has filled (backbone or twin wrote them)."""
+    _, _, engine, river = family_model
+    prompts = [prompt_ids(n, seed=20 + n) for n in (3, 8, 12, 5)]
+    sims = []
+    for p in prompts:  # pick a tau between the rows' similarities so that they disagree
+        cache = engine.new_cache(1, len(p))
+        sims += [s.min().item() for s in engine.forward(torch.tensor([p]), cache, ExitPolicy(), river,
+                                                        record_similarities=True).similarities[1:]]
+    tau = sorted(sims)[len(sims) // 2]
+    cache = engine.new_cache(len(prompts), 12 + 10, track_filled=True)
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])
+    out = engine.forward(ids, cache, ExitPolicy(tau=tau), river, counts=[len(p) for p in prompts])
+    mixed = len(set(out.exit_layers)) > 1
+    for _ in range(10):
+        out = engine.forward(out.logits.argmax(-1, keepdim=True), cache, ExitPolicy(tau=tau), river)
+        mixed |= len(set(out.exit_layers)) > 1
+        for row in range(len(prompts)):
+            assert cache.is_complete(cache.lengths[row], row)
+    assert mixed  # rows really left at different layers in one step
+
+
 def test_similarity_rule_uses_the_first_layer_above_tau(family_model):
     _, _, engine, river = family_model
     prompt = prompt_ids(1, seed=8)
     cache = engine.new_cache(1, 4)
-    out = engine.forward(torch.tensor([prompt]), cache, 0, torch.zeros(1, dtype=torch.long), ExitPolicy(), river,
-                         record_similarities=True)
+    out = engine.forward(torch.tensor([prompt]), cache, ExitPolicy(), river, record_similarities=True)
     sims = [s.item() for s in out.similarities]
     assert len(sims) == engine.num_layers and all(-1 <= s <= 1 for s in sims)
     tau = sorted(sims[1:])[len(sims) // 2]  # a threshold some layers pass and some do not
     expected = next(layer for layer, s in enumerate(sims, 1) if layer > 1 and s > tau)
     cache = engine.new_cache(1, 4)
-    out = engine.forward(torch.tensor([prompt]), cache, 0, torch.zeros(1, dtype=torch.long), ExitPolicy(tau=tau), river)
+    out = engine.forward(torch.tensor([prompt]), cache, ExitPolicy(tau=tau), river)
     assert out.exit_layer == expected
 
 

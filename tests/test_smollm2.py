@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from riverllm.engine.block import ALL_BACKBONE, ALL_TWIN
 from riverllm.engine import decode
 from riverllm.policy import ExitPolicy
 
@@ -59,16 +60,13 @@ def test_twin_kv_is_close_to_the_backbone_kv(smollm2):
     ids = torch.tensor([smollm2.encode(PROMPT)])
     engine, river = smollm2.engine, smollm2.river()
     states = smollm2.model(ids, output_hidden_states=True).hidden_states  # inputs of each layer
-    rope = engine.rotary(states[0], torch.arange(ids.shape[1])[None])["full_attention"]
+    cos, sin = engine.rotary(states[0], torch.arange(ids.shape[1])[None])["full_attention"]
+    twins = engine.twins(river)
     for index in range(engine.num_layers):
-        caches = []
-        for layer in (engine.layers[index], river[index]):
-            cache = engine.new_cache(1, ids.shape[1])
-            cache.write_slots, cache.visible = torch.arange(ids.shape[1]), ids.shape[1]
-            layer(states[index], attention_mask=None, past_key_values=cache, position_embeddings=rope)
-            caches.append(cache)
-        for backbone, twin in ((caches[0].keys[index], caches[1].keys[index]),
-                               (caches[0].values[index], caches[1].values[index])):
+        block = engine.blocks[index]
+        _, backbone_k, backbone_v = block.qkv(states[index], ALL_BACKBONE, engine.backbone[index], None, cos, sin)
+        _, twin_k, twin_v = block.qkv(states[index], ALL_TWIN, None, twins[index], cos, sin)
+        for backbone, twin in ((backbone_k, twin_k), (backbone_v, twin_v)):
             cosine = F.cosine_similarity(backbone.flatten(2).transpose(1, 2).reshape(-1, backbone.shape[-1]),
                                          twin.flatten(2).transpose(1, 2).reshape(-1, twin.shape[-1]), dim=-1)
             assert cosine.mean() > 0.97, f"layer {index + 1}: mean K/V cosine {cosine.mean():.3f}"

@@ -14,14 +14,15 @@ PROMPT = [5, 17, 33, 2, 91, 40, 7]
 
 
 def step(engine, cache, token: int, slot: int, policy: ExitPolicy):
-    return engine.forward(torch.tensor([[token]]), cache, slot, torch.zeros(1, dtype=torch.long), policy)
+    assert cache.lengths[0] == slot
+    return engine.forward(torch.tensor([[token]]), cache, policy)
 
 
 def run_with_exits(engine, strategy: str, exits: list[int | None]):
     """Prefill at full depth, then one decoding step per entry of `exits` (None: full depth)."""
-    cache = engine.new_cache(1, len(PROMPT) + len(exits) + 2)  # room for a replayed step
-    cache.prompt_slots = len(PROMPT)
-    out = engine.forward(torch.tensor([PROMPT]), cache, 0, torch.zeros(1, dtype=torch.long), ExitPolicy())
+    cache = engine.new_cache(1, len(PROMPT) + len(exits) + 2, track_filled=True)  # room for a replayed step
+    cache.prompt_lengths = [len(PROMPT)]
+    out = engine.forward(torch.tensor([PROMPT]), cache, ExitPolicy(kv_strategy=strategy))
     outputs = []
     for offset, exit_layer in enumerate(exits):
         policy = ExitPolicy(force_exit_layer=exit_layer, kv_strategy=strategy) if exit_layer is not None else ExitPolicy(kv_strategy=strategy)
@@ -87,17 +88,20 @@ def test_propagate_writes_kv_projected_from_the_exit_state(engine):
     cache, _ = run_with_exits(engine, "propagate", [2])
     slot = len(PROMPT)
     assert cache.is_complete(slot + 1)  # no hole: every skipped layer got K/V
-    # Layer 5's K/V at that slot equal its own attention fed with the exit-layer state.
+    # Layer 5's K/V at that slot are its k/v projections (with its norm and RoPE) of the
+    # exit-layer state, computed here with transformers' own modules.
     states = engine.model(torch.tensor([PROMPT + [11]]), output_hidden_states=True).hidden_states
-    exit_state = states[2][:, -1:]
-    layer = engine.layers[4]
-    probe = engine.new_cache(1, slot + 1)
-    probe.write_slots, probe.visible = torch.tensor([slot]), slot + 1
-    rope = engine.rotary(exit_state, torch.tensor([[slot]]))[engine.layer_types[4]]
-    layer.self_attn(hidden_states=layer.input_layernorm(exit_state), attention_mask=None,
-                    past_key_values=probe, position_embeddings=rope)
-    assert torch.allclose(cache.keys[4][:, :, slot], probe.keys[4][:, :, slot], atol=1e-5)
-    assert torch.allclose(cache.values[4][:, :, slot], probe.values[4][:, :, slot], atol=1e-5)
+    attn = engine.layers[4].self_attn
+    normed = engine.layers[4].input_layernorm(states[2][:, -1:])
+    key = attn.k_proj(normed).view(1, 1, -1, engine.head_dim).transpose(1, 2)
+    value = attn.v_proj(normed).view(1, 1, -1, engine.head_dim).transpose(1, 2)
+    if getattr(attn, "k_norm", None) is not None:
+        key = attn.k_norm(key)
+    cos, sin = engine.rotary(normed, torch.tensor([[slot]]))[engine.layer_types[4]]
+    half = engine.head_dim // 2
+    key = key * cos[:, None] + torch.cat((-key[..., half:], key[..., :half]), dim=-1) * sin[:, None]
+    assert torch.allclose(cache.keys[4][:, :, slot], key[:, :, 0], atol=1e-5)
+    assert torch.allclose(cache.values[4][:, :, slot], value[:, :, 0], atol=1e-5)
 
 
 def test_monotonic_depth_never_grows_and_no_token_needs_a_skipped_layer(engine):
@@ -112,9 +116,9 @@ def test_monotonic_depth_never_grows_and_no_token_needs_a_skipped_layer(engine):
 def test_monotonic_never_attends_to_a_hole():
     engine = RiverEngine(tiny_model("llama", num_hidden_layers=6))
     policy = Method.parse("monotonic:6-2@6").policy(0.9)
-    cache = engine.new_cache(1, len(PROMPT) + 12)
-    cache.prompt_slots = len(PROMPT)
-    out = engine.forward(torch.tensor([PROMPT]), cache, 0, torch.zeros(1, dtype=torch.long), policy)
+    cache = engine.new_cache(1, len(PROMPT) + 12, track_filled=True)
+    cache.prompt_lengths = [len(PROMPT)]
+    out = engine.forward(torch.tensor([PROMPT]), cache, policy)
     for t in range(10):
         slot = len(PROMPT) + t
         out = step(engine, cache, int(out.logits.argmax()), slot, policy)

@@ -25,6 +25,7 @@ from riverllm.engine import GenerationResult, RiverEngine, SamplingConfig, decod
 from riverllm.errors import RiverError
 from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
 from riverllm.river import QuantConfig, build_river
+from riverllm.textstream import TextStream
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 MAX_NEW_TOKENS_LIMIT = 32768
@@ -126,7 +127,7 @@ class RiverLM:
             self.river()
         for index in range(keep_layers, self.num_layers):
             self.engine.layers[index] = nn.Identity()  # the twins keep the shared norms alive
-        self.engine.resident_layers = keep_layers
+        self.engine.free_layers(keep_layers)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -156,7 +157,8 @@ class RiverLM:
     # --- generation -----------------------------------------------------------------------------
 
     def _policy(self, method: str | Method, tau: float | None, bits: int | None, min_exit_layer: int,
-                max_backbone_layers: int | None) -> tuple[Method, ExitPolicy, nn.ModuleList | None]:
+                max_backbone_layers: int | None, exit_rule: str = "per-row",
+                ) -> tuple[Method, ExitPolicy, nn.ModuleList | None]:
         method = check_generation_options(method, tau, bits=bits)
         if max_backbone_layers is not None and not 0 <= max_backbone_layers <= self.num_layers:
             raise RiverError(f"max_backbone_layers must be in 0..{self.num_layers}, got {max_backbone_layers}")
@@ -167,7 +169,7 @@ class RiverLM:
             max_backbone_layers = min(limit, max_backbone_layers if max_backbone_layers is not None else limit)
             if method.kind == "dense":
                 raise RiverError(f"dense needs all {self.num_layers} backbone layers, but only {limit} are in memory")
-        policy = method.policy(self.default_tau(method.bits), min_exit_layer, max_backbone_layers)
+        policy = method.policy(self.default_tau(method.bits), min_exit_layer, max_backbone_layers, exit_rule)
         river = self.river(method.bits) if method.needs_river else None
         return method, policy, river
 
@@ -182,59 +184,57 @@ class RiverLM:
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int | None = None, stop: Sequence[str] | None = None, raw: bool = False,
                      bits: int | None = None, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
-                     ignore_eos: bool = False, use_cuda_graphs: bool = False) -> Iterator[tuple[int, StreamEvent]]:
+                     ignore_eos: bool = False, use_cuda_graphs: bool | None = None,
+                     exit_rule: str = "per-row") -> Iterator[tuple[int, StreamEvent]]:
         """The one generation loop behind `generate`, `generate_batch` and `stream`:
-        yields (row, event) as tokens arrive; each row's last event carries its result."""
+        yields (row, event) as tokens arrive; each row's last event carries its result.
+
+        Rows decode as one batch with per-row exits (exit_rule="per-row"), so each row's answer is
+        the one it gets alone; `seed` seeds every row's own generator. use_cuda_graphs: None picks
+        the CUDA-graph runner on a GPU and the eager engine elsewhere."""
         if not prompts:
             raise RiverError("no prompts given")
         check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits)
-        method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers)
+        method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers, exit_rule)
         prompt_ids = [self.encode(p, raw) for p in prompts]
         budget = self._check_lengths(prompt_ids, max_new_tokens)
-        stops = [s for s in (stop or []) if s]
-        emitted = [0] * len(prompts)  # characters of a row's text already streamed
-        stop_at: list[int | None] = [None] * len(prompts)  # where a stop string begins in a row's text
-        decoded: dict[int, str] = {}  # text stop_check decoded this step, reused below
+        streams = [TextStream(self.tokenizer, stop or ()) for _ in prompts]
         exit_layers: list[list[int]] = [[] for _ in prompts]
         times: list[list[float]] = [[] for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
         eos = () if ignore_eos else self.eos_token_ids()
-
-        def stop_check(row: int, generated: list[int]) -> bool:
-            if not stops:
-                return False
-            text = decoded[row] = self.tokenizer.decode(generated, skip_special_tokens=True)
-            stop_at[row] = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
-            return stop_at[row] is not None
-
         done = [False] * len(prompts)
         sampling = SamplingConfig(temperature, top_p, top_k, seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, stop_check,
-                            use_cuda_graphs=use_cuda_graphs):
+        graphs = self.engine.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        pushed: dict[int, str] = {}  # text each row's newest token made safe to show
+
+        def check(row: int, generated: list[int]) -> bool:
+            """Decode the row's newest token once; a stop string in it ends the row."""
+            pushed[row] = streams[row].push(generated[-1])
+            return streams[row].stopped
+
+        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, check,
+                            use_cuda_graphs=graphs):
             for row, token in enumerate(event.tokens):
                 if done[row]:
                     continue
                 ids[row].append(token)
-                exit_layers[row].append(event.exit_layer)
+                exit_layers[row].append(event.exit_layers[row])
                 times[row].append(event.seconds)
-                text = decoded.pop(row, None) or self.tokenizer.decode(ids[row], skip_special_tokens=True)
-                if stop_at[row] is not None:
-                    text = text[: stop_at[row]]
-                # Hold back an incomplete multi-byte character (shown as U+FFFD until complete).
-                safe = len(text) if event.finished[row] else len(text.rstrip("\ufffd"))
-                delta = text[emitted[row]:safe] if safe > emitted[row] else ""
-                emitted[row] = max(emitted[row], safe)
+                delta = pushed.pop(row, "")
                 result = None
                 if event.finished[row] or len(ids[row]) >= budget:
                     done[row] = True
+                    delta += streams[row].finish()
                     hit_eos = bool(eos) and token in eos
                     result = GenerationResult(
-                        text=text, token_ids=ids[row], exit_layers=exit_layers[row], token_times=times[row],
-                        finish_reason="stop" if (hit_eos or stop_at[row] is not None) else "length",
+                        text=streams[row].text, token_ids=ids[row], exit_layers=exit_layers[row],
+                        token_times=times[row],
+                        finish_reason="stop" if (hit_eos or streams[row].stopped) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
                     )
-                yield row, StreamEvent(delta, token, event.exit_layer, result)
+                yield row, StreamEvent(delta, token, event.exit_layers[row], result)
 
     @torch.no_grad()
     def teacher_forced(self, ids: Sequence[int], prompt_len: int, method: str | Method = "dense",
@@ -246,24 +246,46 @@ class RiverLM:
         so every scored position gets its own exit decision. Returns float32 logits [n, vocab]
         where logits[i] predicts ids[prompt_len + i], and the exit layer of each of those steps.
         """
-        if not 1 <= prompt_len < len(ids):
-            raise RiverError(f"prompt_len must be in 1..{len(ids) - 1}, got {prompt_len}")
-        if len(ids) > self.context_length:
-            raise RiverError(f"{len(ids)} tokens do not fit the context window of {self.context_length}")
+        logits, exits = self.teacher_forced_batch([ids], [prompt_len], method, tau, bits, min_exit_layer)[0]
+        return logits, exits
+
+    @torch.no_grad()
+    def teacher_forced_batch(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                             method: str | Method = "dense", tau: float | None = None, bits: int | None = None,
+                             min_exit_layer: int = 1) -> list[tuple[torch.Tensor, list[int]]]:
+        """`teacher_forced` for many sequences at once, as one batch with per-row exits: each
+        row's logits and exits are those it gets alone. Prior strategies run one row at a time
+        (they decide per batch)."""
+        for ids, prompt_len in zip(sequences, prompt_lens):
+            if not 1 <= prompt_len < len(ids):
+                raise RiverError(f"prompt_len must be in 1..{len(ids) - 1}, got {prompt_len}")
+            if len(ids) > self.context_length:
+                raise RiverError(f"{len(ids)} tokens do not fit the context window of {self.context_length}")
         _, policy, river = self._policy(method, tau, bits, min_exit_layer, None)
+        if policy.kv_strategy != "river" and len(sequences) > 1:
+            return [self.teacher_forced_batch([ids], [n], method, tau, bits, min_exit_layer)[0]
+                    for ids, n in zip(sequences, prompt_lens)]
         engine = self.engine
-        cache = engine.new_cache(1, len(ids))
-        cache.prompt_slots = prompt_len
-        pad_counts = torch.zeros(1, dtype=torch.long, device=engine.device)
-        tokens = torch.tensor([list(ids)], device=engine.device)
-        logits, exits = [], []
-        output = engine.forward(tokens[:, :prompt_len], cache, 0, pad_counts, policy, river)
-        for slot in range(prompt_len, len(ids)):
-            logits.append(output.logits[0].float())
-            exits.append(output.exit_layer)
-            if slot < len(ids) - 1:
-                output = engine.forward(tokens[:, slot:slot + 1], cache, slot, pad_counts, policy, river)
-        return torch.stack(logits), exits
+        device = engine.device
+        cache = engine.new_cache(len(sequences), max(len(ids) for ids in sequences),
+                                 track_filled=policy.kv_strategy != "river")
+        cache.prompt_lengths = list(prompt_lens)
+        output = engine.prefill([list(ids[:n]) for ids, n in zip(sequences, prompt_lens)], cache, policy, river)
+        logits: list[list[torch.Tensor]] = [[] for _ in sequences]
+        exits: list[list[int]] = [[] for _ in sequences]
+        rows = list(range(len(sequences)))
+        while rows:
+            for i, row in enumerate(rows):
+                logits[row].append(output.logits[i].float())
+                exits[row].append(output.exit_layers[i])
+            # A row is done once it has a prediction for each of its continuation tokens (its
+            # last token is never fed: nothing follows it to predict).
+            rows = [row for row in rows if cache.lengths[row] < len(sequences[row]) - 1]
+            if not rows:
+                break
+            tokens = torch.tensor([[sequences[row][cache.lengths[row]]] for row in rows], device=device)
+            output = engine.forward(tokens, cache, policy, river, rows=rows)
+        return [(torch.stack(row_logits), row_exits) for row_logits, row_exits in zip(logits, exits)]
 
     def stream(self, prompt: Prompt, **options) -> Iterator[StreamEvent]:
         for _, event in self.stream_batch([prompt], **options):

@@ -193,10 +193,9 @@ def dense_pass(lm: RiverLM, segment: Segment) -> tuple[torch.Tensor, Reference]:
     differently at 8 mantissa bits), so there the reference is computed step by step."""
     engine = lm.engine
     cache = engine.new_cache(1, len(segment.ids))
-    pad_counts = torch.zeros(1, dtype=torch.long, device=engine.device)
     with final_hidden_states(lm) as captured:
-        output = engine.forward(torch.tensor([segment.ids], device=engine.device), cache, 0, pad_counts,
-                                ExitPolicy(), all_logits=True, record_similarities=True)
+        output = engine.forward(torch.tensor([segment.ids], device=engine.device), cache, ExitPolicy(),
+                                all_logits=True, record_similarities=True)
     similarities = torch.stack([s[0] for s in output.similarities], dim=1).float().cpu()
     if engine.dtype == torch.float32:
         reference = Reference(captured[0][0, segment.prompt_len - 1:-1])

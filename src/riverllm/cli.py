@@ -208,6 +208,8 @@ def eval_command(
     ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="tokens scored by ppl in all"),
     ppl_window: int = typer.Option(256, "--ppl-window", help="tokens scored per ppl window"),
     seed: int = typer.Option(0, help="seed of asdiv's subset under --limit"),
+    batch_size: int = typer.Option(8, "--batch-size", help="samples decoded together (per-row exits: each sample's "
+                                   "result is the one it gets alone; prior strategies always run alone)"),
     metrics: Optional[str] = typer.Option(None, help="extra columns, e.g. match,agree,kl (default: all; none: none)"),
     bits: int = typer.Option(4, help="river bit width for methods that name none"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
@@ -219,7 +221,7 @@ def eval_command(
     from riverllm.eval.runner import EvalConfig, run_eval
 
     config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, metrics, ppl_tokens=ppl_tokens,
-                              ppl_window=ppl_window, seed=seed, progress=not quiet)
+                              ppl_window=ppl_window, seed=seed, progress=not quiet, batch_size=batch_size)
     summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet), config)
     typer.echo(markdown_table(summary))
     typer.echo(f"report written to {out / 'report.md'}", err=True)
@@ -253,9 +255,45 @@ def bench(
                                               "with static cache + torch.compile (default: on with CUDA)"),
     copy_mib: Optional[int] = typer.Option(None, "--copy-mib", help="size of the bandwidth-measuring copy"),
     seed: int = typer.Option(0, help="seed for the random weights and prompts"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="with --model: batched throughput at these "
+                                              "batch sizes (e.g. 1,4,8,16) and a batch-invariance check, instead "
+                                              "of the batch-1 comparison"),
+    methods: str = typer.Option("dense,w4,river:0.9,river:0.9@batch-min", "--methods",
+                                help="with --batch-sizes: methods; @batch-min: the paper's batch exit rule"),
+    check_tokens: int = typer.Option(128, "--check-tokens", help="with --batch-sizes: tokens of the invariance "
+                                     "check (0: skip it)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)"),
 ) -> None:
     """Time dense, w4 and River-LLM against transformers, side by side: bench.json, bench.md, bench.png."""
     from riverllm.bench import BenchSettings, run_bench, write_outputs
+
+    command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
+    if batch_sizes is not None:
+        from riverllm.bench.batch import BatchBenchSettings, batch_markdown, run_batch_bench
+        from riverllm.files import write_text_atomic
+
+        if not model:
+            fail("--batch-sizes needs --model (a real model: exits depend on real weights)")
+        try:
+            sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
+        except ValueError:
+            fail(f"--batch-sizes takes comma-separated integers, e.g. 1,4,8,16; got '{batch_sizes}'")
+        batch_settings = BatchBenchSettings(
+            model=model, batch_sizes=sizes, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            prompts=prompts if prompts != "random" else "gsm8k", num_prompts=max(num_prompts, max(sizes or (1,))),
+            new_tokens=new_tokens or 32, check_tokens=check_tokens, threads=threads)
+        batch_settings.check()
+        results = run_batch_bench(batch_settings)
+        write_text_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
+        text = batch_markdown(results, command)
+        write_text_atomic(out / "bench.md", text)
+        typer.echo(text)
+        typer.echo(f"written: {out / 'bench.json'}, {out / 'bench.md'}", err=True)
+        return
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     settings = BenchSettings(
         shapes=tuple(s.strip() for s in shapes.split(",") if s.strip()) if shapes else (), model=model,
@@ -264,7 +302,6 @@ def bench(
         num_prompts=num_prompts, max_backbone_layers=max_backbone_layers, group_size=group_size, graphs=graphs,
         hf_compile=hf_compile, copy_mib=copy_mib, seed=seed)
     results = run_bench(settings)
-    command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
     paths = write_outputs(results, out, command=command)
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"written: {paths['json']}, {paths['markdown']}, {paths['plot']}", err=True)

@@ -217,21 +217,25 @@ class References:
 
 def measure(lm: RiverLM, segments: Iterable[Segment], method: str | Method, references: References,
             tau: float | None = None, bits: int | None = None, min_exit_layer: int = 1, progress: bool = False,
-            description: str = "", give_up: Callable[[Fidelity], bool] | None = None) -> Fidelity:
+            description: str = "", give_up: Callable[[Fidelity], bool] | None = None,
+            batch_size: int = 8) -> Fidelity:
     """Agreement and KL of `method` against dense over every position of `segments`
-    (or fewer: it stops after the first segment at which `give_up(result so far)` is true)."""
+    (or fewer: it stops after the first batch of segments at which `give_up(result so far)` is
+    true). Segments are teacher-forced `batch_size` at a time, with per-row exits: each segment's
+    logits and exits are those it gets alone."""
     from tqdm.auto import tqdm
 
     segments = list(segments)
     result = Fidelity(num_layers=lm.num_layers)
     bar = tqdm(total=sum(s.positions for s in segments), desc=description or f"fidelity {method}",
                unit="tok", disable=not progress, leave=False)
-    for segment in segments:
-        reference = references.get(segment).logits(lm)
-        logits, exits = lm.teacher_forced(segment.ids, segment.prompt_len, method, tau=tau, bits=bits,
-                                          min_exit_layer=min_exit_layer)
-        result.add(reference, logits, exits)
-        bar.update(segment.positions)
+    for start in range(0, len(segments), batch_size):
+        chunk = segments[start:start + batch_size]
+        scored = lm.teacher_forced_batch([s.ids for s in chunk], [s.prompt_len for s in chunk], method, tau=tau,
+                                         bits=bits, min_exit_layer=min_exit_layer)
+        for segment, (logits, exits) in zip(chunk, scored):
+            result.add(references.get(segment).logits(lm), logits, exits)
+            bar.update(segment.positions)
         if give_up is not None and give_up(result):
             break
     bar.close()

@@ -15,9 +15,7 @@ def similarity_table(lm, prompt: str, raw: bool = False, tau: float | None = Non
     ids = lm.encode(prompt, raw)
     engine = lm.engine
     cache = engine.new_cache(1, len(ids))
-    pad_counts = torch.zeros(1, dtype=torch.long, device=engine.device)
-    out = engine.forward(torch.tensor([ids], device=engine.device), cache, 0, pad_counts, ExitPolicy(),
-                         record_similarities=True)
+    out = engine.forward(torch.tensor([ids], device=engine.device), cache, ExitPolicy(), record_similarities=True)
     sims = torch.stack([s[0] for s in out.similarities], dim=1).tolist()  # [tokens, layers]
     threshold = lm.default_tau() if tau is None else tau
     rule = ExitPolicy(tau=threshold)

@@ -44,6 +44,10 @@ class ExitPolicy:
     kv_strategy: str = "river"
     # SkipDecode: (start_depth, end_depth, ramp_tokens); depth is a function of the generated index.
     depth_schedule: tuple[int, int, int] | None = None
+    # "per-row": each row of a batch leaves by its own similarity (its output is what it gets
+    # alone); "batch-min": the paper's rule, the batch leaves when its least settled row may.
+    # The prior strategies always decide per batch.
+    exit_rule: str = "per-row"
 
     def __post_init__(self) -> None:
         if math.isnan(self.tau):
@@ -52,6 +56,8 @@ class ExitPolicy:
             raise RiverError(f"min_exit_layer must be >= 0, got {self.min_exit_layer}")
         if self.max_backbone_layers is not None and self.max_backbone_layers < 0:
             raise RiverError(f"max_backbone_layers must be >= 0, got {self.max_backbone_layers}")
+        if self.exit_rule not in EXIT_RULES:
+            raise RiverError(f"exit_rule must be one of {', '.join(EXIT_RULES)}, got '{self.exit_rule}'")
 
     @property
     def needs_similarity(self) -> bool:
@@ -75,13 +81,29 @@ class ExitPolicy:
             return 0
         return None
 
-    def exits_after(self, layer: int, similarity: float) -> bool:
-        """`layer` is 1-based: the backbone layer that just ran."""
+    def rule_at(self, layer: int) -> str:
+        """What the rule does after backbone block `layer` (1-based), before any similarity:
+        "leave" (a forced exit), "stay" (no exit possible here: no cosine is computed) or
+        "compare" (leave when the similarity passes `leaves`)."""
         if self.force_exit_layer is not None:
-            return layer >= self.force_exit_layer
+            return "leave" if layer >= self.force_exit_layer else "stay"
         if self.max_backbone_layers is not None and layer >= self.max_backbone_layers:
-            return True
-        return layer > self.min_exit_layer and similarity > self.tau
+            return "leave"
+        if self.tau == math.inf or layer <= self.min_exit_layer:
+            return "stay"
+        return "compare"
+
+    def leaves(self, similarity, layer: int):
+        """The threshold test after block `layer`, on a float or a tensor of per-row similarities."""
+        return similarity > self.tau
+
+    def exits_after(self, layer: int, similarity: float) -> bool:
+        """`layer` is 1-based: the backbone layer that just ran, `similarity` its s_l."""
+        rule = self.rule_at(layer)
+        return rule == "leave" or (rule == "compare" and bool(self.leaves(similarity, layer)))
+
+
+EXIT_RULES = ("per-row", "batch-min")
 
 
 _METHOD = re.compile(r"^(?P<kind>dense|w|river|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
@@ -137,7 +159,8 @@ class Method:
     def needs_river(self) -> bool:
         return self.kind in ("w", "river")
 
-    def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None) -> ExitPolicy:
+    def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
+               exit_rule: str = "per-row") -> ExitPolicy:
         if self.kind == "dense":
             return ExitPolicy()
         if self.kind == "w":
@@ -147,7 +170,7 @@ class Method:
         tau = default_tau if self.tau is None else self.tau
         strategy = "river" if self.kind == "river" else self.kind
         return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers,
-                          kv_strategy=strategy)
+                          kv_strategy=strategy, exit_rule=exit_rule)
 
 
 def check_tau(tau: float) -> float:

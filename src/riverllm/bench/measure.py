@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -154,10 +156,13 @@ class ReplayedExits(ExitPolicy):
             return self.cursor[1]
         return None
 
-    def exits_after(self, layer: int, similarity: float) -> bool:
-        # A cosine never exceeds 1 nor falls below -1, so the answer is always the list's; the
-        # infinite probes (which `GraphRunner` uses to see whether a read is needed) differ, as
-        # they would for a threshold rule, at exactly the layers where a threshold rule reads.
-        if layer >= self.cursor[1]:
-            return similarity > -2.0
-        return layer > self.min_exit_layer and similarity > 2.0
+    def rule_at(self, layer: int) -> str:
+        # Without reads: leave where the list says. With reads: compute (and read) the cosine at
+        # exactly the layers where a threshold rule would, up to and including the exit layer,
+        # and let `leaves` answer as the list says.
+        if not self.read_similarity:
+            return "leave" if layer >= self.cursor[1] else "stay"
+        return "compare" if layer > self.min_exit_layer else ("leave" if layer >= self.cursor[1] else "stay")
+
+    def leaves(self, similarity, layer: int):
+        return similarity > (-math.inf if layer >= self.cursor[1] else math.inf)

@@ -110,7 +110,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{target['target']} ({target['num_layers']} layers)", fontsize=10)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 

@@ -1,14 +1,16 @@
 """The KV cache that backbone layer j and its twin share.
 
-Why not a transformers cache: transformers' caches append (DynamicCache) or roll (sliding-window
-layers), and their `update` no longer receives the write position. Early exit needs a cache that
-writes K/V at explicit slots, so that a method can later fill a slot it left empty (EE-LLM's
-recompute) or leave it empty on purpose (D-LLM's mask), and that records per layer which slots
-hold K/V. This class is that, in the shape transformers' attention modules call: `update`.
+One preallocated K and V tensor per layer, [rows, kv_heads, max_len, head_dim]. Row r of the cache
+holds one sequence; slot s of that row is the sequence's s-th token, so a token's slot is also its
+position (no left padding: each row has its own length, `lengths[r]`). A step writes each new
+token's K/V at its row's next slots, whichever weight set (backbone or twin) computed them: that
+is River-LLM's KV sharing, and why the river never leaves a hole.
 
-Layout: slot s of row b is the s-th token of that row, left padding included, so one slot index
-serves the whole batch. Every layer, full-attention or sliding, keeps all slots; sliding windows
-are applied by the attention mask instead.
+Every layer, full-attention or sliding, keeps all slots; sliding windows are applied by the
+attention mask. The buffers never move, so a CUDA graph can read and write them.
+
+The prior early-exit strategies (EE-LLM's recompute, D-LLM's mask, SkipDecode) do leave holes; for
+them, and for tests, `track_filled=True` records per layer which slots hold K/V (`filled`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 @dataclass
 class PendingTokens:
     """Tokens that exited early under EE-LLM's recompute strategy: their K/V are missing from layer
-    `next_layer` (0-based) up; `hidden` [batch, n, hidden] is their input to that layer."""
+    `next_layer` (0-based) up; `hidden` [rows, n, hidden] is their input to that layer and `slots`
+    [rows, n] where they sit."""
 
     slots: torch.Tensor
     hidden: torch.Tensor
@@ -29,37 +32,54 @@ class PendingTokens:
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        self.num_layers, self.batch_size, self.max_len = num_layers, batch_size, max_len
+    def __init__(self, num_layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype, track_filled: bool = False):
+        self.num_layers, self.rows, self.max_len = num_layers, rows, max_len
         self.device, self.dtype = device, dtype
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        # filled[j, b, s]: layer j holds K/V for slot s of row b.
-        self.filled = torch.zeros(num_layers, batch_size, max_len, dtype=torch.bool, device=device)
-        # Set by the engine before each layer call: where this call writes, and how many slots
-        # attention reads (slots 0..visible-1).
-        self.write_slots: torch.Tensor = torch.zeros(0, dtype=torch.long, device=device)
-        self.visible: int = 0
-        # Early-exit bookkeeping for the prior strategies (the river never needs it):
-        self.has_holes = False  # some layer skipped some slot ("mask", "recompute", SkipDecode)
+        shape = (rows, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * rows  # host copy: slots are decided on the host, no device read
+        # filled[j, r, s]: layer j holds K/V for slot s of row r (only with track_filled).
+        self.filled = torch.zeros(num_layers, rows, max_len, dtype=torch.bool, device=device) if track_filled else None
+        # Prior strategies' bookkeeping (the river needs none of it):
+        self.has_holes = False  # some layer skipped some slot
         self.pending: list[PendingTokens] = []  # EE-LLM: exited tokens whose deeper layers are owed
-        self.prompt_slots = 0  # slots taken by the prompt: generated token t sits at slot prompt_slots + t
+        self.prompt_lengths = [0] * rows  # SkipDecode counts generated tokens from here
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store K/V [batch, kv_heads, new, head_dim] at `write_slots`; return all visible K/V."""
-        if self.keys[layer_idx] is None:
-            shape = (self.batch_size, key.shape[1], self.max_len, key.shape[3])
-            self.keys[layer_idx] = torch.zeros(shape, device=self.device, dtype=key.dtype)
-            self.values[layer_idx] = torch.zeros(shape, device=self.device, dtype=value.dtype)
-        self.keys[layer_idx].index_copy_(2, self.write_slots, key)
-        self.values[layer_idx].index_copy_(2, self.write_slots, value)
-        self.filled[layer_idx][:, self.write_slots] = True
-        return self.keys[layer_idx][:, :, : self.visible], self.values[layer_idx][:, :, : self.visible]
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None,
+              slots: torch.Tensor, start: int | None) -> None:
+        """Store K/V [n, kv_heads, new, head_dim] of rows `rows` (None: all) at `slots` [n, new].
+        `start`: when every row writes the same contiguous slots start..start+new-1 (batch 1,
+        equal lengths), a plain slice write, cheaper than the general scatter."""
+        if start is not None and rows is None:
+            self.keys[layer][:, :, start:start + key.shape[2]] = key
+            self.values[layer][:, :, start:start + key.shape[2]] = value
+        else:
+            row_index = (torch.arange(key.shape[0], device=key.device) if rows is None else rows)[:, None]
+            self.keys[layer][row_index, :, slots] = key.transpose(1, 2)
+            self.values[layer][row_index, :, slots] = value.transpose(1, 2)
+        if self.filled is not None:
+            row_index = (torch.arange(key.shape[0], device=key.device) if rows is None else rows)[:, None]
+            self.filled[layer][row_index, slots] = True
 
-    # transformers' attention code sometimes asks these; answer like a full-length cache.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.visible
+    def read(self, layer: int, rows: torch.Tensor | None, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of slots 0..visible-1 of `rows` (None: all rows, a view; else a gathered copy)."""
+        keys, values = self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
+        if rows is None:
+            return keys, values
+        return keys[rows], values[rows]
 
-    def is_complete(self, upto: int) -> bool:
-        """Every layer holds K/V for every slot 0..upto-1 of every row: no KV hole anywhere."""
-        return bool(self.filled[:, :, :upto].all())
+    def is_complete(self, upto: int, row: int = 0) -> bool:
+        """Every layer holds K/V for every slot 0..upto-1 of `row`: no KV hole (needs track_filled)."""
+        return bool(self.filled[:, row, :upto].all())
+
+    def free_rows(self) -> list[int]:
+        return [r for r, length in enumerate(self.lengths) if length == 0]
+
+    def reset_row(self, row: int) -> None:
+        """Forget row `row` (its slots are overwritten by the next sequence; masks hide the rest)."""
+        self.lengths[row] = 0
+        self.prompt_lengths[row] = 0
+        if self.filled is not None:
+            self.filled[:, row] = False

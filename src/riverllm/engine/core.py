@@ -1,12 +1,28 @@
-"""One forward step of a decoder-only transformers model, layer by layer, with early exit.
+"""One forward step of the model with early exit, per row: embeddings, decoder blocks, final norm,
+LM head, with River-LLM's exit rule after every backbone block.
 
-This is the model's own `forward` unrolled (embeddings, rotary embeddings, masks, decoder layers,
-final norm, LM head) so that after every backbone layer the exit rule can look at the residual
-stream, and from the exit layer on the river's twins run instead. The decoder layers themselves
-are transformers' own modules: we only decide which one runs.
+A step feeds `new` tokens to each of `n` rows of a `KVCache` (a prompt in prefill, one token per
+row in decoding, a block of tokens in teacher forcing). Each row keeps its own depth:
 
-Works for models with the standard decoder layout (`model.model.embed_tokens/layers/norm/
-rotary_emb`, `model.lm_head`): Llama, Qwen2, Qwen3, Mistral, Gemma3 (text), Phi3.
+- a row runs backbone block j while j < its depth, and twin j after it (the river);
+- after backbone block l the rule looks at s_l = cos(h_{l-1}, h_l) (fp32) of the row's tokens
+  (the minimum over a prompt: one depth per prompt) and the row leaves when s_l > tau;
+- at block j, rows still in the backbone run its full-precision weights and rows that left run
+  the twin's (engine/block.py); attention is one call, and every row writes K/V into slot j.
+
+So a row's tokens and exit layers are those it gets alone, whatever its neighbours do (up to the
+floating-point reduction order of batched kernels: docs/engine.md measures how far that goes).
+The paper's rule, where the whole batch leaves at its least settled row, is `exit_rule="batch-min"`.
+
+The prior strategies of filling the KV hole (SPEC.md section 1; `policy.kv_strategy`) run here
+too, with the batch-min rule (EE-LLM and CALM decide per batch): "recompute" (EE-LLM: an exited
+token's skipped blocks run later, batched with the next token deep enough), "propagate" (CALM:
+the exit state's K/V projections fill the skipped blocks), "mask" (D-LLM: nothing is written,
+later tokens do not attend to the hole); SkipDecode is "mask" with a depth schedule. They read the
+LM head at the exit layer.
+
+The exit loop lives here once. The CUDA-graph runner (engine/cuda_graphs.py) subclasses this
+engine and replaces only `run_layer` and `head` with replayed graphs.
 """
 
 from __future__ import annotations
@@ -18,34 +34,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from riverllm.engine.block import ALL_BACKBONE, ALL_TWIN, DecoderBlock, Projections, RowSplit, stable_rows
 from riverllm.engine.cache import KVCache, PendingTokens
 from riverllm.policy import ExitPolicy
 
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # [batch, vocab] at the last position, or [batch, seq, vocab] with all_logits
-    exit_layer: int  # backbone layers run (1-based layer after which the step left; L: never left)
-    similarities: list[torch.Tensor] = field(default_factory=list)  # per backbone layer run: [batch, seq]
+    logits: torch.Tensor  # [n, vocab] at each row's last token, or [n, new, vocab] with all_logits
+    exit_layers: list[int]  # per row: backbone layers run (L: never left)
+    similarities: list[torch.Tensor] = field(default_factory=list)  # per backbone layer run: [n, new]
+
+    @property
+    def exit_layer(self) -> int:
+        """The deepest row's exit layer (the only one at batch 1)."""
+        return max(self.exit_layers)
+
+
+@dataclass
+class StepContext:
+    """Where a step's tokens go and what they may see; built once per step (engine.context)."""
+
+    rows: torch.Tensor | None  # cache rows of the batch (None: rows 0..n-1, all of them)
+    row_list: list[int]
+    slots: torch.Tensor  # [n, new] cache slot (= position) of each token
+    counts: list[int]  # real tokens per row (the rest of `new` is right padding)
+    start: int | None  # the common first slot, when every row starts there (fast writes)
+    visible: int  # attention reads slots 0..visible-1
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # per layer type: cos, sin [n, new, rot]
+    masks: dict[str, torch.Tensor | None]  # per layer type: bool [n, 1, new, visible] or None
+    causal: bool  # with mask None: is_causal (a prompt from slot 0) or not (one new token)
+    # Decoding rows of different lengths attend in groups of equal length, each group over
+    # exactly its own slots, as it would alone (see `context`); None: one call for all rows.
+    groups: list["AttentionGroup"] | None = None
+
+
+@dataclass
+class AttentionGroup:
+    positions: torch.Tensor  # the group's rows, as positions in the batch
+    cache_rows: torch.Tensor  # ... and as cache rows
+    visible: int
+    masks: dict[str, torch.Tensor | None]
 
 
 class RiverEngine:
     def __init__(self, model: nn.Module):
         self.model = model
         decoder = model.model
-        self.config = model.config
+        self.config = config = model.config
         self.embed_tokens = decoder.embed_tokens
         self.layers: nn.ModuleList = decoder.layers
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
         self.lm_head = model.lm_head
         self.num_layers = len(self.layers)
-        self.logit_softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self.layer_types = self._layer_types()
-        self.sliding_window = getattr(self.config, "sliding_window", None)
+        self.sliding_window = getattr(config, "sliding_window", None)
         self._rope_by_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
-        # Layers [resident_layers:] of the backbone may have been freed (`RiverLM.free_backbone`).
-        self.resident_layers = self.num_layers
+        self.blocks = [DecoderBlock(layer, config, index) for index, layer in enumerate(self.layers)]
+        # None where a backbone layer was freed (`RiverLM.free_backbone`): tokens must leave before.
+        self.backbone: list[Projections | None] = [Projections.of(layer) for layer in self.layers]
+        first = self.blocks[0]
+        self.kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        self._twins: dict[int, tuple[nn.ModuleList, list[Projections]]] = {}
 
     def _layer_types(self) -> list[str]:
         types = getattr(self.config, "layer_types", None)
@@ -63,168 +115,310 @@ class RiverEngine:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.num_layers, batch_size, max_len, self.device, self.dtype)
+    @property
+    def resident_layers(self) -> int:
+        """Backbone layers still in memory (all of them unless `free_backbone` ran)."""
+        return next((j for j, weights in enumerate(self.backbone) if weights is None), self.num_layers)
 
-    # --- pieces of the model's forward ------------------------------------------------------
+    def free_layers(self, keep: int) -> None:
+        """Forget backbone weights of layers keep.. (the caller drops the modules themselves)."""
+        for index in range(keep, self.num_layers):
+            self.backbone[index] = None
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def new_cache(self, rows: int, max_len: int, track_filled: bool = False) -> KVCache:
+        return KVCache(self.num_layers, rows, max_len, self.kv_heads, self.head_dim, self.device, self.dtype,
+                       track_filled)
+
+    def twins(self, river: nn.ModuleList) -> list[Projections]:
+        entry = self._twins.get(id(river))
+        if entry is None or entry[0] is not river:
+            entry = self._twins[id(river)] = (river, [Projections.of(twin) for twin in river])
+        return entry[1]
+
+    # --- what a step sees -------------------------------------------------------------------------
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if self._rope_by_layer_type:
-            return {t: self.rotary_emb(hidden, position_ids, t) for t in set(self.layer_types)}
-        shared = self.rotary_emb(hidden, position_ids)
+            return {t: self.rotary_emb(hidden, positions, t) for t in set(self.layer_types)}
+        shared = self.rotary_emb(hidden, positions)
         return {t: shared for t in set(self.layer_types)}
 
-    def attention_masks(self, slots: torch.Tensor, pad_counts: torch.Tensor, visible: int,
-                        force: bool = False) -> dict[str, torch.Tensor | None]:
-        """Boolean "may attend" masks [batch, new, visible] per layer type, or None where plain
-        causal attention is exact (then sdpa runs its causal kernel, as transformers itself does).
-        `slots` may be any set of query slots, not only a contiguous run."""
-        masks: dict[str, torch.Tensor | None] = {}
-        has_padding = bool(pad_counts.any())
-        keys = torch.arange(visible, device=slots.device)
+    def window(self, layer_type: str) -> int | None:
+        return self.sliding_window if layer_type == "sliding_attention" else None
+
+    @staticmethod
+    def allowed_keys(slots: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+        """THE mask rule: token at slot q may attend to slot k when k <= q and, for a sliding
+        layer, q - k < window. slots [n, new], keys [visible] -> bool [n, 1, new, visible]."""
+        allowed = keys[None, None, :] <= slots[:, :, None]
+        if window is not None:
+            allowed = allowed & (slots[:, :, None] - keys[None, None, :] < window)
+        return allowed[:, None]
+
+    def context(self, cache: KVCache, hidden: torch.Tensor, rows: list[int] | None, counts: list[int] | None,
+                force_masks: bool = False) -> StepContext:
+        """Slots, masks and rotary embeddings of a step (once per step, shared by all blocks)."""
+        n, new = hidden.shape[:2]
+        row_list = list(range(n)) if rows is None else list(rows)
+        starts = [cache.lengths[r] for r in row_list]
+        visible = max(starts) + new
+        if visible > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} slots per row; this step needs {visible}")
+        same_start = all(s == starts[0] for s in starts)
+        device = hidden.device
+        slots = torch.tensor(starts, device=device)[:, None] + torch.arange(new, device=device)[None, :]
+        # Plain attention is exact for a prompt from slot 0 (causal; right padding sits after every
+        # real token) and for one new token per row at a common slot (it sees every key so far).
+        plain = not force_masks and same_start and (starts[0] == 0 or new == 1)
+        masks = self.masks_for(slots, visible, plain)
+        groups = None
+        if not same_start and new == 1 and not force_masks:
+            # Padding a row's keys to the longest row's length changes the order of its softmax
+            # sums (the last bit of its output); grouping rows by length keeps each row's
+            # attention the very call it makes alone.
+            cache_rows = torch.tensor(row_list, device=device)
+            groups = []
+            for start in sorted(set(starts)):
+                members = [i for i, s in enumerate(starts) if s == start]
+                index = torch.tensor(members, device=device)
+                groups.append(AttentionGroup(index, cache_rows[index], start + 1,
+                                             self.masks_for(slots[index], start + 1, plain=True)))
+        return StepContext(
+            rows=None if rows is None else torch.tensor(row_list, device=device), row_list=row_list, slots=slots,
+            counts=list(counts) if counts is not None else [new] * n, start=starts[0] if same_start else None,
+            visible=visible, rope=self.rotary(hidden, slots), masks=masks, causal=new > 1, groups=groups)
+
+    def masks_for(self, slots: torch.Tensor, visible: int, plain: bool) -> dict[str, torch.Tensor | None]:
+        """Per layer type: None where plain attention is exact (and no window cuts in), else the
+        rule's mask over slots 0..visible-1."""
+        masks = {}
         for layer_type in set(self.layer_types):
-            window = self.sliding_window if layer_type == "sliding_attention" else None
-            if not force and not has_padding and (window is None or visible <= window):
+            window = self.window(layer_type)
+            if plain and (window is None or visible <= window):
                 masks[layer_type] = None
-                continue
-            allowed = keys[None, :] <= slots[:, None]
-            if window is not None:
-                allowed &= slots[:, None] - keys[None, :] < window
-            allowed = allowed[None] & (keys[None, None, :] >= pad_counts[:, None, None])
-            masks[layer_type] = allowed
+            else:
+                masks[layer_type] = self.allowed_keys(slots, torch.arange(visible, device=slots.device), window)
         return masks
 
-    def additive(self, allowed: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor | None:
-        """[batch, new, visible] bool -> the [batch, 1, new, visible] additive mask attention takes."""
-        if allowed is None:
-            return None
-        keys = torch.arange(allowed.shape[-1], device=allowed.device)
-        allowed = allowed | (keys[None, None, :] == slots[None, :, None])  # no fully masked rows: no NaN
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden))
-        if self.logit_softcap:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
-
-    # --- the step ----------------------------------------------------------------------------
+    # --- the step ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
         cache: KVCache,
-        start_slot: int,
-        pad_counts: torch.Tensor,
         policy: ExitPolicy,
         river: nn.ModuleList | None = None,
-        active_rows: torch.Tensor | None = None,
+        rows: list[int] | None = None,
+        counts: list[int] | None = None,
+        deciding: list[bool] | None = None,
         all_logits: bool = False,
         record_similarities: bool = False,
     ) -> StepOutput:
-        """Run `input_ids` [batch, new] at slots start_slot.. through backbone and river.
-
-        pad_counts[b]: left-padding slots of row b. active_rows: rows whose similarity counts in
-        the exit decision (finished rows keep decoding padding but must not hold the batch back).
-        """
-        batch, new = input_ids.shape
-        slots = torch.arange(start_slot, start_slot + new, device=input_ids.device)
-        cache.visible = start_slot + new
-        # Tokens whose similarity may decide: real (not padding) and in an active row.
-        deciding = slots[None, :] >= pad_counts[:, None]
-        if active_rows is not None:
-            deciding = deciding & active_rows[:, None]
-
-        hidden = self.embed_tokens(input_ids)
+        """Run `input_ids` [n, new] for cache rows `rows` (None: all rows, n == cache.rows), each
+        row's tokens at its next slots; then advance the rows' lengths by `counts` (real tokens per
+        row; default new). deciding[r] False: row r (finished, kept only for its shape) does not
+        hold the batch back under the batch-min rule."""
+        n, new = input_ids.shape
         strategy = policy.kv_strategy
-        holes_possible = strategy != "river" or cache.has_holes
-        masks = self.attention_masks(slots, pad_counts, cache.visible, force=holes_possible)
-        rope = self.rotary(hidden, (slots[None, :] - pad_counts[:, None]).clamp(min=0))
+        prior = strategy != "river"
+        holes = prior and cache.filled is not None and (cache.has_holes or strategy == "recompute")
+        hidden, ctx = self.embed(input_ids, cache, rows, counts, force_masks=holes)
+        valid = None
+        if any(c != new for c in ctx.counts):
+            valid = torch.arange(new, device=hidden.device)[None, :] < torch.tensor(ctx.counts, device=hidden.device)[:, None]
+        batch_min = prior or policy.exit_rule == "batch-min"
+        deciding = deciding or [True] * n
+        twins = self.twins(river) if river is not None else None
 
-        exit_layer = policy.start_layer()
-        scheduled = policy.scheduled_depth(start_slot - cache.prompt_slots, self.num_layers)
-        if scheduled is not None:
-            exit_layer = scheduled
-        compare = exit_layer is None and (policy.needs_similarity or record_similarities)
-        if exit_layer is None:
-            exit_layer = self.num_layers
+        forced = policy.start_layer()
+        if policy.depth_schedule is not None:
+            row = ctx.row_list[0]
+            forced = policy.scheduled_depth(cache.lengths[row] - cache.prompt_lengths[row], self.num_layers)
+        depth = [self.num_layers if forced is None else forced] * n  # backbone layers each row runs
         similarities: list[torch.Tensor] = []
-        exit_hidden = hidden
+        exit_hidden = hidden  # priors: the state after the last backbone block
         for index in range(self.num_layers):
-            layer_type = self.layer_types[index]
-            if index < exit_layer:
-                if index >= self.resident_layers:
-                    raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {self.resident_layers}")
-                output = self._run_layer(self.layers[index], index, hidden, slots, pad_counts, cache, masks[layer_type],
-                                         rope[layer_type], with_pending=strategy == "recompute")
-                lowest = 0.0  # not looked at by policies that do not compare (forced exits)
-                if compare:
-                    similarity = F.cosine_similarity(hidden.float(), output.float(), dim=-1)
-                    similarities.append(similarity)
-                    # The one device-to-host read per backbone layer.
-                    lowest = similarity.masked_fill(~deciding, float("inf")).min().item()
-                if exit_layer == self.num_layers and policy.exits_after(index + 1, lowest):
-                    exit_layer = index + 1
-                hidden = exit_hidden = output
-            elif strategy == "river":
-                if river is None:
+            in_backbone = [r for r in range(n) if index < depth[r]]
+            if in_backbone and self.backbone[index] is None:
+                raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {index}")
+            rule = policy.rule_at(index + 1) if in_backbone else "stay"
+            cosine = bool(in_backbone) and (rule == "compare" or record_similarities)
+            if not prior:
+                split = self.split(in_backbone, n, hidden.device)
+                if split is not ALL_BACKBONE and twins is None:
                     raise RuntimeError("this step exits early but no river was given")
-                hidden = self._run_layer(river[index], index, hidden, slots, pad_counts, cache, masks[layer_type],
-                                         rope[layer_type])
-            elif strategy == "propagate":
-                # CALM: the exit-layer state is copied upward; each skipped layer only projects it
-                # to K/V (its attention runs to write them; the output is discarded).
-                layer = self.layers[index]
-                cache.write_slots = slots
-                layer.self_attn(hidden_states=layer.input_layernorm(exit_hidden),
-                                attention_mask=self.additive(self._with_holes(masks[layer_type], index, cache, slots), slots),
-                                position_ids=None, past_key_values=cache, position_embeddings=rope[layer_type])
+                output = self.run_layer(index, hidden, ctx, cache, split, twins, cosine)
+            elif in_backbone:  # priors decide per batch: all rows are in, or none
+                output = self._prior_layer(index, hidden, ctx, cache, policy)
             else:
-                break  # mask / recompute / SkipDecode: these layers write nothing for this token
+                if strategy == "propagate":
+                    self._propagate(index, exit_hidden, ctx, cache)
+                    continue
+                break  # recompute / mask / SkipDecode: the skipped blocks write nothing now
+            if rule == "leave":
+                for r in in_backbone:
+                    depth[r] = index + 1
+            elif cosine:
+                similarity = self.similarity(index, hidden, output)  # [n, new]
+                if record_similarities:
+                    similarities.append(similarity)
+                if rule == "compare":
+                    self._decide(index + 1, similarity, depth, in_backbone, deciding, valid, policy, batch_min)
+            hidden = output
+            if prior:
+                exit_hidden = hidden
 
-        if exit_layer < self.num_layers and strategy != "river":
+        if prior and depth[0] < self.num_layers:
             cache.has_holes = cache.has_holes or strategy != "propagate"
             if strategy == "recompute":
-                cache.pending.append(PendingTokens(slots, exit_hidden, exit_layer))
-        final = hidden if strategy == "river" else exit_hidden
-        logits = self.head(final if all_logits else final[:, -1:])
-        return StepOutput(logits if all_logits else logits[:, -1], exit_layer, similarities)
+                cache.pending.append(PendingTokens(ctx.slots, exit_hidden, depth[0]))
+        for r, row in enumerate(ctx.row_list):
+            cache.lengths[row] += ctx.counts[r]
+        logits = self.final_logits(exit_hidden if prior else hidden, ctx, all_logits)
+        return StepOutput(logits, depth, similarities)
 
-    def _with_holes(self, allowed: torch.Tensor | None, index: int, cache: KVCache, query_slots: torch.Tensor):
-        """Restrict a mask to the slots layer `index` holds K/V for (plus those written now)."""
-        if allowed is None or not cache.has_holes:
-            return allowed
-        held = cache.filled[index, :, : allowed.shape[-1]].clone()
-        held[:, query_slots] = True
-        return allowed & held[:, None, :]
+    def prefill(self, prompts: list[list[int]], cache: KVCache, policy: ExitPolicy,
+                river: nn.ModuleList | None = None, rows: list[int] | None = None) -> StepOutput:
+        """Each prompt into its own cache row (rows[i], default i), one prompt per forward.
 
-    def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, slots: torch.Tensor,
-                   pad_counts: torch.Tensor, cache: KVCache, allowed: torch.Tensor | None,
-                   rope: tuple[torch.Tensor, torch.Tensor], with_pending: bool = False) -> torch.Tensor:
-        """One decoder layer for the step's tokens; under EE-LLM's recompute, tokens that exited
-        earlier and owe this layer's K/V run it in the same batch, ahead of the new tokens."""
-        owed = [p for p in cache.pending if p.next_layer == index] if with_pending else []
-        if owed:
-            all_slots = torch.cat([p.slots for p in owed] + [slots])
-            hidden = torch.cat([p.hidden for p in owed] + [hidden], dim=1)
-            positions = (all_slots[None, :] - pad_counts[:, None]).clamp(min=0)
-            rope = self.rotary(hidden, positions)[self.layer_types[index]]
-            keys_seen = cache.visible
-            allowed = self.attention_masks(all_slots, pad_counts, keys_seen, force=True)[self.layer_types[index]]
+        One at a time on purpose: a prompt then runs exactly the kernels it runs alone (batched,
+        the matrix shapes change with the other prompts, and so does the last bit of the sums,
+        which an exit threshold or a bf16 cast can turn into another token). Prefill is paid once
+        per request; the decoding steps are where batching pays."""
+        rows = list(range(len(prompts))) if rows is None else rows
+        outputs = [self.forward(torch.tensor([prompt], device=self.device), cache, policy, river, rows=[row])
+                   for prompt, row in zip(prompts, rows)]
+        return StepOutput(torch.cat([o.logits for o in outputs]), [o.exit_layers[0] for o in outputs])
+
+    # --- the parts of a step a runner may replace (engine/cuda_graphs.py) -------------------------
+
+    def embed(self, input_ids: torch.Tensor, cache: KVCache, rows: list[int] | None, counts: list[int] | None,
+              force_masks: bool) -> tuple[torch.Tensor, StepContext]:
+        hidden = self.embed_tokens(input_ids)
+        return hidden, self.context(cache, hidden, rows, counts, force_masks)
+
+    def similarity(self, index: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """s_l of every token: the cosine of block `index`'s input and output, in fp32."""
+        return F.cosine_similarity(before.float(), after.float(), dim=-1)
+
+    def final_logits(self, final: torch.Tensor, ctx: StepContext, all_logits: bool) -> torch.Tensor:
+        """Logits at each row's last real token [n, vocab], or at every token [n, new, vocab]."""
+        if all_logits:
+            return self.head(final)
+        n = final.shape[0]
+        if any(c != final.shape[1] for c in ctx.counts):
+            last = torch.tensor([c - 1 for c in ctx.counts], device=final.device)
+            return self.head(final[torch.arange(n, device=final.device), last][:, None])[:, 0]
+        return self.head(final[:, -1:])[:, 0]
+
+    @staticmethod
+    def split(in_backbone: list[int], n: int, device: torch.device) -> RowSplit:
+        if len(in_backbone) == n:
+            return ALL_BACKBONE
+        if not in_backbone:
+            return ALL_TWIN
+        others = [r for r in range(n) if r not in set(in_backbone)]
+        return RowSplit(torch.tensor(in_backbone, device=device), torch.tensor(others, device=device),
+                        rows=tuple(in_backbone))
+
+    def _decide(self, layer: int, similarity: torch.Tensor, depth: list[int], in_backbone: list[int],
+                deciding: list[bool], valid: torch.Tensor | None, policy: ExitPolicy, batch_min: bool) -> None:
+        """The exit rule after backbone block `layer` (1-based): rows whose tokens' similarity
+        passes tau leave (`depth` = layer). One host read."""
+        if valid is not None:
+            similarity = similarity.masked_fill(~valid, float("inf"))
+        per_row = similarity.amin(dim=-1)  # one depth per prompt: its least settled token
+        if batch_min:
+            staying = set(in_backbone)
+            counted = torch.tensor([r in staying and deciding[r] for r in range(len(depth))], device=per_row.device)
+            if policy.leaves(per_row.masked_fill(~counted, float("inf")).min().item(), layer):
+                for r in in_backbone:
+                    depth[r] = layer
+            return
+        leaves = policy.leaves(per_row, layer).tolist()
+        for r in in_backbone:
+            if leaves[r]:
+                depth[r] = layer
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: StepContext, cache: KVCache, split: RowSplit,
+                  twins: list[Projections] | None, cosine: bool = False) -> torch.Tensor:
+        """Block `index` for every row of the step, each row with its weight set (see `split`).
+        cosine: the loop will ask `similarity` for this block (a graph runner computes it inside)."""
+        block = self.blocks[index]
+        layer_type = self.layer_types[index]
+        backbone = None if split.twin_only else self.backbone[index]
+        twin = twins[index] if (split.twin_only or split.mixed) else None
+        cos, sin = ctx.rope[layer_type]
+        q, k, v = block.qkv(hidden, split, backbone, twin, cos, sin)
+        cache.write(index, k, v, ctx.rows, ctx.slots, ctx.start)
+        if ctx.groups is None:
+            keys, values = cache.read(index, ctx.rows, ctx.visible)
+            mask = ctx.masks[layer_type]
+            attn = block.attend(q, keys, values, mask, ctx.causal and mask is None)
         else:
-            all_slots = slots
-            positions = (slots[None, :] - pad_counts[:, None]).clamp(min=0)
-        cache.write_slots = all_slots
-        output = layer(hidden, attention_mask=self.additive(self._with_holes(allowed, index, cache, all_slots), all_slots),
-                       position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=rope)
+            attn = q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+            for group in ctx.groups:
+                keys, values = cache.read(index, group.cache_rows, group.visible)
+                mask = group.masks[layer_type]
+                attn[group.positions] = block.attend(q[group.positions], keys, values, mask, False)
+        return block.finish(hidden, attn, split, backbone, twin)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma's soft-cap) of any hidden states."""
+        logits = stable_rows(self.lm_head, self.norm(hidden))
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    # --- the prior strategies ---------------------------------------------------------------------
+
+    def _hole_mask(self, index: int, ctx: StepContext, cache: KVCache, slots: torch.Tensor) -> torch.Tensor | None:
+        """The mask rule restricted to the slots layer `index` holds K/V for."""
+        if cache.filled is None or not cache.has_holes and not cache.pending:
+            return None
+        allowed = self.allowed_keys(slots, torch.arange(ctx.visible, device=slots.device),
+                                    self.window(self.layer_types[index]))
+        held = cache.filled[index][:, :ctx.visible] if ctx.rows is None else cache.filled[index][ctx.rows, :ctx.visible]
+        return allowed & held[:, None, None, :]
+
+    def _prior_layer(self, index: int, hidden: torch.Tensor, ctx: StepContext, cache: KVCache,
+                     policy: ExitPolicy) -> torch.Tensor:
+        owed = [p for p in cache.pending if p.next_layer == index] if policy.kv_strategy == "recompute" else []
         if not owed:
-            return output
+            # Written first, so that the mask sees this step's own slots as held.
+            return self._layer_with_holes(index, hidden, ctx, cache, ctx.slots)
+        # EE-LLM: tokens that owe this block run it now, batched ahead of the new tokens.
+        slots = torch.cat([p.slots for p in owed] + [ctx.slots], dim=1)
+        states = torch.cat([p.hidden for p in owed] + [hidden], dim=1)
+        sub = StepContext(ctx.rows, ctx.row_list, slots, ctx.counts, None, ctx.visible, self.rotary(states, slots),
+                          ctx.masks, False)
+        output = self._layer_with_holes(index, states, sub, cache, slots)
         start = 0
         for pending in owed:
-            count = pending.slots.numel()
+            count = pending.slots.shape[1]
             pending.hidden, pending.next_layer = output[:, start:start + count], index + 1
             start += count
         cache.pending = [p for p in cache.pending if p.next_layer < self.num_layers]
         return output[:, start:]
+
+    def _layer_with_holes(self, index: int, hidden: torch.Tensor, ctx: StepContext, cache: KVCache,
+                          slots: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[index]
+        backbone = self.backbone[index]
+        cos, sin = ctx.rope[self.layer_types[index]]
+        q, k, v = block.qkv(hidden, ALL_BACKBONE, backbone, None, cos, sin)
+        cache.write(index, k, v, ctx.rows, slots, None)
+        keys, values = cache.read(index, ctx.rows, ctx.visible)
+        mask = self._hole_mask(index, ctx, cache, slots)
+        if mask is None:
+            mask = ctx.masks[self.layer_types[index]]
+        attn = block.attend(q, keys, values, mask, ctx.causal and mask is None)
+        return block.finish(hidden, attn, ALL_BACKBONE, backbone, None)
+
+    def _propagate(self, index: int, exit_hidden: torch.Tensor, ctx: StepContext, cache: KVCache) -> None:
+        """CALM: block `index`'s K/V projections of the exit state fill the slot it skipped."""
+        cos, sin = ctx.rope[self.layer_types[index]]
+        k, v = self.blocks[index].kv_only(exit_hidden, self.backbone[index], cos, sin)
+        cache.write(index, k, v, ctx.rows, ctx.slots, ctx.start)
+

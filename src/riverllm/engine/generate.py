@@ -48,18 +48,34 @@ class SamplingConfig:
 @dataclass
 class StepEvent:
     step: int  # 0: the token produced by the prompt (prefill)
-    tokens: list[int]  # one per row
-    exit_layer: int
+    tokens: list[int]  # one per row (pad_token_id for a row that had finished)
+    exit_layers: list[int]  # one per row: backbone layers its token ran
     seconds: float
     finished: list[bool]  # rows done after this token (EOS or a stop check)
 
+    @property
+    def exit_layer(self) -> int:
+        return max(self.exit_layers)
 
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, input_ids: torch.Tensor, generator) -> torch.Tensor:
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    scores = sampling.warpers()(input_ids, logits.float())
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+class Sampler:
+    """Picks one row's next token. Each row has its own settings and random generator, so that a
+    row samples exactly what it samples alone, whatever shares its batch."""
+
+    def __init__(self, sampling: SamplingConfig, device: torch.device):
+        self.sampling = sampling
+        self.warpers = None if sampling.greedy else sampling.warpers()
+        self.generator = None
+        if sampling.seed is not None and not sampling.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [vocab] -> a 0-d token tensor (no host read here)."""
+        if self.warpers is None:
+            return logits.argmax(dim=-1)
+        # The warpers used here (temperature, top-k, top-p) do not read the context ids.
+        scores = self.warpers(None, logits.float()[None])
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[0, 0]
 
 
 @torch.no_grad()
@@ -69,59 +85,68 @@ def decode(
     policy: ExitPolicy,
     river: nn.ModuleList | None,
     max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
     eos_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     stop_check: Callable[[int, list[int]], bool] | None = None,
     use_cuda_graphs: bool = False,
 ) -> Iterator[StepEvent]:
-    """Generate up to `max_new_tokens` for each prompt (token-id lists; left-padded together).
+    """Generate up to `max_new_tokens` for each prompt (token-id lists), as one batch.
 
-    stop_check(row, generated_ids) -> True ends that row (stop strings live above this loop).
-    use_cuda_graphs: decode through `cuda_graphs.GraphRunner` (replayed CUDA graphs on a GPU; off
-    CUDA the same static-buffer steps run eagerly, which is how CPU tests check them).
+    sampling: one config for every row, or one per row. stop_check(row, generated_ids) -> True
+    ends that row (stop strings live above this loop). use_cuda_graphs: decode through
+    `cuda_graphs.GraphRunner` (replayed CUDA graphs on a GPU; off CUDA the same static-buffer
+    steps run eagerly, which is how CPU tests check them).
     """
     device = engine.device
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
-    pad_counts = torch.tensor([longest - len(p) for p in prompts], device=device)
-    input_ids = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    forward = engine.forward
-    if use_cuda_graphs:
+    counts = [len(p) for p in prompts]
+    prior = policy.kv_strategy != "river"
+    if use_cuda_graphs and not prior:
         from riverllm.engine.cuda_graphs import graph_runner
 
         runner = graph_runner(engine, batch, longest + max_new_tokens)
-        cache, forward = runner.cache, runner.forward
+        cache, forward, prefill = runner.cache, runner.forward, runner.prefill
     else:
-        cache = engine.new_cache(batch, longest + max_new_tokens)
-    cache.prompt_slots = longest
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        cache = engine.new_cache(batch, longest + max_new_tokens, track_filled=prior)
+        forward, prefill = engine.forward, engine.prefill
+    # Finished rows leave the batch, except where shapes are fixed (graphs) or the batch decides
+    # together (prior strategies): there they ride along, decoding padding, without a say.
+    ride_along = prior or use_cuda_graphs
+    cache.prompt_lengths = list(counts)
+    samplings = sampling if isinstance(sampling, list) else [sampling] * batch
+    samplers = [Sampler(s, device) for s in samplings]
     eos = set(eos_token_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
-    # Kept on the host: reading the sampled tokens is the one device sync per step.
-    finished = [False] * batch
+    finished = [False] * batch  # kept on the host: reading the sampled tokens is the step's one sync
+    exit_layers = [0] * batch
 
     start = time.perf_counter()
-    output = forward(input_ids, cache, 0, pad_counts, policy, river)
+    output = prefill(prompts, cache, policy, river)
+    rows = list(range(batch))  # the rows the last step ran
     for step in range(max_new_tokens):
-        # The warpers used here (temperature, top-k, top-p) do not read the context ids.
-        sampled = _sample(output.logits, sampling, input_ids, generator).tolist()
+        sampled = torch.stack([samplers[row](output.logits[i]) for i, row in enumerate(rows)]).tolist()
         now = time.perf_counter()
-        tokens = [pad_token_id if done else token for token, done in zip(sampled, finished)]
-        for row, token in enumerate(tokens):
+        tokens = [pad_token_id] * batch
+        for i, row in enumerate(rows):
+            exit_layers[row] = output.exit_layers[i]
             if finished[row]:
                 continue
+            token = tokens[row] = sampled[i]
             generated[row].append(token)
             finished[row] = token in eos or (stop_check is not None and stop_check(row, generated[row]))
-        yield StepEvent(step, tokens, output.exit_layer, now - start, list(finished))
+        yield StepEvent(step, tokens, list(exit_layers), now - start, list(finished))
         if all(finished) or step == max_new_tokens - 1:
             return
         start = time.perf_counter()
-        active_rows = None if batch == 1 else torch.tensor([not done for done in finished], device=device)
-        output = forward(torch.tensor(tokens, device=device)[:, None], cache, longest + step, pad_counts, policy,
-                         river, active_rows=active_rows)
+        if ride_along:
+            next_ids = torch.tensor(tokens, device=device)[:, None]
+            output = forward(next_ids, cache, policy, river, deciding=[not done for done in finished])
+        else:
+            rows = [row for row in range(batch) if not finished[row]]
+            next_ids = torch.tensor([tokens[row] for row in rows], device=device)[:, None]
+            output = forward(next_ids, cache, policy, river, rows=None if len(rows) == batch else rows)
 
 
 @dataclass

