@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 export TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-python -m pytest -q -p no:warnings --durations=15 "$@"
+python -m pytest -q --durations=15 "$@"
