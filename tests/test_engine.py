@@ -170,3 +170,20 @@ def test_other_families_dense_and_river_match_transformers(family):
     for index in range(2, engine.num_layers):
         hybrid.model.layers[index] = river[index]
     assert exits == [2] * NEW_TOKENS and tokens == hf_greedy(hybrid, prompt)
+
+
+def test_static_depth_method_leaves_every_token_at_its_layer(family_model):
+    """`river@K`: the static-depth control of the quality study (every token, prompt included,
+    runs backbone layers 1..K, then the twins)."""
+    from riverllm.policy import Method
+
+    _, model, engine, river = family_model
+    method = Method.parse("river@3")
+    assert (method.name, method.needs_river, method.uses_tau) == ("river@3", True, False)
+    assert Method.parse("river3@5").name == "river3@5" and Method.parse("river3@5").bits == 3
+    tokens, exits = ours(engine, prompt_ids(seed=12), method.policy(0.9), river)
+    assert exits == [3] * NEW_TOKENS
+    hybrid = copy.deepcopy(model)
+    for index in range(3, engine.num_layers):
+        hybrid.model.layers[index] = river[index]
+    assert tokens == hf_greedy(hybrid, prompt_ids(seed=12))

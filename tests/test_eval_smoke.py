@@ -196,3 +196,29 @@ def test_a_line_cut_off_by_a_crash_is_dropped(tmp_path):
     path.write_text('{"id": "a", "score": 1}\n{"id": "b", "sc')
     assert list(load_records(path)) == ["a"]
     assert path.read_text() == '{"id": "a", "score": 1}\n'  # appends start on a fresh line
+
+
+def test_batched_eval_gives_the_records_of_batch_one(smollm2, tmp_path):
+    """--batch-size only changes how many samples share the decoding steps: every record's output,
+    tokens and exit layers equal the batch-1 run's (per-row exits; one thread, see test_batch.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for size in (1, 3):
+            config = EvalConfig.parse("gsm8k,ppl", "river:0.9,river@3", tmp_path / f"b{size}", 3, "16",
+                                      metrics="none", ppl_tokens=3 * PPL_WINDOW, ppl_window=PPL_WINDOW,
+                                      progress=False, batch_size=size)
+            run_eval(smollm2, config)
+            runs[size] = {(task, method): load_records(records_path(config.out_dir, task, method))
+                          for task in ("gsm8k", "ppl") for method in ("river:0.9", "river@3")}
+    finally:
+        torch.set_num_threads(threads)
+    for key, records in runs[1].items():
+        batched = runs[3][key]
+        assert set(records) == set(batched) and len(records) == 3
+        for sample_id, record in records.items():
+            other = batched[sample_id]
+            assert (record["output"], record["exit_layers"]) == (other["output"], other["exit_layers"]), key
+            assert other["batch_size"] == 3 and record["batch_size"] == 1
+    assert all(set(r["exit_layers"][1:]) == {3} for r in runs[3][("gsm8k", "river@3")].values())

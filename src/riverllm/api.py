@@ -162,6 +162,8 @@ class RiverLM:
         method = check_generation_options(method, tau, bits=bits)
         if max_backbone_layers is not None and not 0 <= max_backbone_layers <= self.num_layers:
             raise RiverError(f"max_backbone_layers must be in 0..{self.num_layers}, got {max_backbone_layers}")
+        if method.kind == "static" and not 0 <= method.depth <= self.num_layers:
+            raise RiverError(f"{method.name}: the exit layer must be in 0..{self.num_layers}")
         if not 0 <= min_exit_layer < self.num_layers:
             raise RiverError(f"min_exit_layer must be in 0..{self.num_layers - 1}, got {min_exit_layer}")
         limit = self.engine.resident_layers

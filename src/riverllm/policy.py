@@ -108,6 +108,7 @@ EXIT_RULES = ("per-row", "batch-min")
 
 _METHOD = re.compile(r"^(?P<kind>dense|w|river|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
 _MONOTONIC = re.compile(r"^monotonic:(?P<start>\d+)-(?P<end>\d+)(?:@(?P<ramp>\d+))?$")
+_STATIC = re.compile(r"^river(?P<bits>\d+)?@(?P<depth>\d+)$")
 PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 
 
@@ -115,10 +116,13 @@ PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 class Method:
     """A decoding recipe: `dense`, `w<bits>`, or `river[<bits>][:tau]`."""
 
-    kind: str  # dense | w | river | recompute | propagate | mask | monotonic
+    kind: str  # dense | w | river | static | recompute | propagate | mask | monotonic
     bits: int = 4
     tau: float | None = None  # exit threshold; None means the model's default
     schedule: tuple[int, int, int] | None = None  # monotonic only
+    # static (`river@K`): every token leaves after backbone layer K, whatever its similarity: the
+    # control that tells whether River's adaptive exits beat a fixed depth of the same cost.
+    depth: int | None = None
 
     @property
     def uses_tau(self) -> bool:
@@ -132,12 +136,15 @@ class Method:
             if end > start or end < 1:
                 raise RiverError(f"monotonic:START-END needs START >= END >= 1 (depth never grows), got '{text}'")
             return cls("monotonic", bits or 4, None, (start, end, int(monotonic["ramp"] or 256)))
+        if static := _STATIC.match(text):
+            return cls("static", int(static["bits"]) if static["bits"] else (bits or 4), depth=int(static["depth"]))
         match = _METHOD.match(text)
         takes_bits = match and match["kind"] in ("w", "river")
         if (not match or (match["kind"] == "w" and not match["bits"]) or (match["bits"] and not takes_bits)
                 or (match["kind"] in ("dense", "w") and match["tau"])):
             raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river[:TAU], river3:TAU, "
-                             "recompute:TAU, propagate:TAU, mask:TAU or monotonic:START-END")
+                             "river@K (fixed exit layer), recompute:TAU, propagate:TAU, mask:TAU or "
+                             "monotonic:START-END")
         kind = match["kind"]
         method_bits = int(match["bits"]) if match["bits"] else (bits or 4)
         tau = check_tau(float(match["tau"])) if match["tau"] else None
@@ -152,12 +159,14 @@ class Method:
         if self.kind == "monotonic":
             start, end, ramp = self.schedule
             return f"monotonic:{start}-{end}" + ("" if ramp == 256 else f"@{ramp}")
+        if self.kind == "static":
+            return f"river{'' if self.bits == 4 else self.bits}@{self.depth}"
         bits = "" if self.bits == 4 or self.kind != "river" else str(self.bits)
         return f"{self.kind}{bits}" + ("" if self.tau is None else f":{self.tau:g}")
 
     @property
     def needs_river(self) -> bool:
-        return self.kind in ("w", "river")
+        return self.kind in ("w", "river", "static")
 
     def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
                exit_rule: str = "per-row") -> ExitPolicy:
@@ -167,6 +176,8 @@ class Method:
             return ExitPolicy(force_exit_layer=0)
         if self.kind == "monotonic":
             return ExitPolicy(kv_strategy="mask", depth_schedule=self.schedule)
+        if self.kind == "static":
+            return ExitPolicy(force_exit_layer=self.depth)
         tau = default_tau if self.tau is None else self.tau
         strategy = "river" if self.kind == "river" else self.kind
         return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers,

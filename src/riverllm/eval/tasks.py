@@ -89,9 +89,13 @@ class Task(ABC):
         """The task's problems; `limit` keeps a fixed subset (the same one for every method)."""
 
     @abstractmethod
-    def run(self, lm: RiverLM, sample: Sample, method: Method, settings: dict) -> dict:
-        """Evaluate one sample under one method: the JSONL record (id, prompt, output, score,
+    def run_batch(self, lm: RiverLM, samples: list[Sample], method: Method, settings: dict) -> list[dict]:
+        """Evaluate samples under one method, decoded as one batch (per-row exits: each record is
+        the one the sample gets alone): one JSONL record each (id, prompt, output, score,
         exit_layers, tokens, decode_tokens, decode_s, time_s and task-specific details)."""
+
+    def run(self, lm: RiverLM, sample: Sample, method: Method, settings: dict) -> dict:
+        return self.run_batch(lm, [sample], method, settings)[0]
 
     def aggregate(self, records: list[dict]) -> float | None:
         """The task's score over its records (percent correct for the generation tasks)."""
@@ -116,20 +120,26 @@ class GenerationTask(Task):
     def score(self, sample: Sample, output: str, chat: bool) -> tuple[float, dict]:
         """(1.0 or 0.0, details for the record)."""
 
-    def run(self, lm: RiverLM, sample: Sample, method: Method, settings: dict) -> dict:
+    def run_batch(self, lm: RiverLM, samples: list[Sample], method: Method, settings: dict) -> list[dict]:
         chat = lm.has_chat_template
         started = time.perf_counter()
-        result = lm.generate(self.prompt(sample, chat), method=method.name, bits=method.bits, raw=not chat,
-                             max_new_tokens=settings["max_new_tokens"], stop=self.stop(chat))
-        score, details = self.score(sample, result.text, chat)
-        return {
-            "id": sample.id, "prompt": sample.text, "output": result.text, "score": score, **details,
-            "token_ids": result.token_ids, "exit_layers": result.exit_layers, "tokens": len(result.token_ids),
-            # Decoding speed leaves out the first token, which pays for the prefill.
-            "decode_tokens": max(len(result.token_times) - 1, 0), "decode_s": sum(result.token_times[1:]),
-            "prefill_s": result.prefill_s, "time_s": time.perf_counter() - started,
-            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-        }
+        results = lm.generate_batch([self.prompt(sample, chat) for sample in samples], method=method.name,
+                                    bits=method.bits, raw=not chat, max_new_tokens=settings["max_new_tokens"],
+                                    stop=self.stop(chat))
+        seconds = time.perf_counter() - started
+        records = []
+        for sample, result in zip(samples, results):
+            score, details = self.score(sample, result.text, chat)
+            records.append({
+                "id": sample.id, "prompt": sample.text, "output": result.text, "score": score, **details,
+                "token_ids": result.token_ids, "exit_layers": result.exit_layers, "tokens": len(result.token_ids),
+                # Decoding speed leaves out the first token, which pays for the prefill. In a batch
+                # these are the batch's step times: the speed one row saw, sharing the steps.
+                "decode_tokens": max(len(result.token_times) - 1, 0), "decode_s": sum(result.token_times[1:]),
+                "prefill_s": result.prefill_s, "time_s": seconds, "batch_size": len(samples),
+                "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            })
+        return records
 
 
 # --- HumanEval ----------------------------------------------------------------------------------
