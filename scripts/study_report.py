@@ -1,0 +1,157 @@
+"""The quality study's reading of a `riverllm eval` directory: paired differences with intervals.
+
+    python scripts/study_report.py docs/results/study_qwen0.5b
+
+`riverllm eval` writes per-sample records (samples/<task>/<method>.jsonl) and its own report.
+This adds what a comparison on 100-164 problems needs: for every method, the paired difference to
+dense, to the full low-bit model (w4 / w3) and, for a River setting, to the static-depth control
+`river@K` with K its rounded mean exit layer, each over the samples both have, with a 95% interval
+(normal approximation of the mean of paired differences); River3's recovery of the w3-to-dense
+gap; and Pareto plots of score against the share of layers at full precision. Writes study.md,
+study.json and study_pareto.png into the directory; reads only finished records, so it can run
+on a partial study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+
+def load(directory: Path) -> dict[str, dict[str, dict[str, dict]]]:
+    """{task: {method: {sample id: record}}} from the JSONL files."""
+    records: dict[str, dict[str, dict[str, dict]]] = {}
+    for path in sorted((directory / "samples").glob("*/*.jsonl")):
+        by_id = {}
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_id[record["id"]] = record
+        if by_id:
+            method = next(iter(by_id.values()))["method"]
+            records.setdefault(path.parent.name, {})[method] = by_id
+    return records
+
+
+def mean_exit(records: dict[str, dict]) -> float:
+    exits = [e for r in records.values() for e in r["exit_layers"][1:]] or [
+        e for r in records.values() for e in r["exit_layers"]]
+    return sum(exits) / max(len(exits), 1)
+
+
+def paired(a: dict[str, dict], b: dict[str, dict], higher_is_better: bool) -> dict | None:
+    """Mean of a - b over shared samples (in score points: percent for accuracy), with a 95% CI."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 2:
+        return None
+    scale = 100.0 if higher_is_better else 1.0
+    diffs = [scale * (a[i]["score"] - b[i]["score"]) for i in shared]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    half = 1.96 * sd / math.sqrt(len(diffs))
+    return {"n": len(shared), "diff": mean, "low": mean - half, "high": mean + half}
+
+
+def score(records: dict[str, dict], higher_is_better: bool) -> float:
+    values = [r["score"] for r in records.values()]
+    return (100.0 if higher_is_better else 1.0) * sum(values) / len(values)
+
+
+def bits_of(method: str) -> int:
+    match = re.match(r"^(?:river|w)(\d)?", method)
+    return int(match.group(1)) if match and match.group(1) else 4
+
+
+def analyse(directory: Path) -> dict:
+    records = load(directory)
+    run = json.loads((directory / "run.json").read_text()) if (directory / "run.json").exists() else {}
+    num_layers = run.get("num_layers", 0)
+    study = {"directory": str(directory), "model": run.get("model"), "num_layers": num_layers, "tasks": {}}
+    for task, methods in records.items():
+        higher = task != "ppl"  # ppl's score is a per-token NLL: lower is better
+        rows = {}
+        for method, recs in methods.items():
+            depth = mean_exit(recs)
+            row = {"n": len(recs), "score": score(recs, higher), "mean_exit_layer": depth,
+                   "full_precision_share": depth / num_layers if num_layers else None}
+            refs = {"dense": "dense", "wN": f"w{bits_of(method)}"}
+            if method.startswith("river") and ":" in method and num_layers:
+                refs["static"] = f"river{'' if bits_of(method) == 4 else bits_of(method)}@{round(depth)}"
+            for label, ref in refs.items():
+                if ref != method and ref in methods:
+                    row[f"vs_{label}"] = {"method": ref, **(paired(recs, methods[ref], higher) or {})}
+            if method.startswith("river") and "dense" in methods and f"w{bits_of(method)}" in methods:
+                full, low = score(methods["dense"], higher), score(methods[f"w{bits_of(method)}"], higher)
+                if abs(full - low) > 1e-9:
+                    row["gap_recovered"] = (row["score"] - low) / (full - low)
+            rows[method] = row
+        study["tasks"][task] = rows
+    return study
+
+
+def markdown(study: dict) -> str:
+    lines = [f"# Quality study: {study['model']} ({study['num_layers']} layers)", "",
+             "Scores: percent correct (humaneval pass@1, gsm8k), mean per-token NLL (ppl, lower is better). "
+             "Differences are paired over the samples both methods finished, with a 95% interval; "
+             "`static` is river@K at the setting's rounded mean exit layer; `gap recovered` is "
+             "(method - wN) / (dense - wN).", ""]
+    for task, rows in study["tasks"].items():
+        lines += [f"## {task}", "", "| method | n | score | mean exit | full-precision share | vs dense | "
+                  "vs wN | vs static | gap recovered |", "|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(value: dict | None) -> str:
+            if not value or "diff" not in value:
+                return "-"
+            return f"{value['diff']:+.2f} [{value['low']:+.2f}, {value['high']:+.2f}] ({value['method']}, n={value['n']})"
+
+        for method, row in sorted(rows.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
+            share = row["full_precision_share"]
+            lines.append(f"| {method} | {row['n']} | {row['score']:.2f} | {row['mean_exit_layer']:.2f} | "
+                         f"{'-' if share is None else f'{100 * share:.0f}%'} | {cell(row.get('vs_dense'))} | "
+                         f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | "
+                         f"{'-' if 'gap_recovered' not in row else f'{row['gap_recovered']:.2f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(study: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(study["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, row in study["tasks"][task].items():
+            if row["full_precision_share"] is None:
+                continue
+            marker = "o" if method.startswith("river") and "@" not in method else "s" if "@" in method else "^"
+            ax.scatter(100 * row["full_precision_share"], row["score"], marker=marker)
+            ax.annotate(method, (100 * row["full_precision_share"], row["score"]), fontsize=6)
+        ax.set_xlabel("layers at full precision (%)")
+        ax.set_ylabel("NLL per token (lower is better)" if task == "ppl" else "score (%)")
+        ax.set_title(task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args()
+    study = analyse(args.directory)
+    (args.directory / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+    (args.directory / "study.md").write_text(markdown(study) + "\n")
+    plot(study, args.directory / "study_pareto.png")
+    print(markdown(study))
+
+
+if __name__ == "__main__":
+    main()
