@@ -403,7 +403,7 @@ def markdown(report: dict) -> str:
         f"Throughput: **{report['tokens_per_s']:.1f} generated tokens/s, {report['requests_per_s']:.2f} completed "
         f"requests/s** over {report['wall_s']:.1f} s ({report['completion_tokens']} tokens of completed requests). "
         f"Server: {sm.get('riverllm_generated_tokens_total', 0):.0f} tokens generated (cancelled ones included), "
-        f"mean batch size per step {sm.get('riverllm_mean_batch_size', 0):.2f}, "
+        f"mean batch size per decoding step {sm.get('riverllm_mean_batch_size', 0):.2f}, "
         f"mean exit layer {sm.get('riverllm_mean_exit_layer', 0):.2f} of {sm.get('riverllm_num_layers', 0):.0f}.  ",
         f"Resident memory: {mem['before'] / 2**20:.0f} MiB before the load, peak {mem['peak'] / 2**20:.0f} MiB, "
         f"{mem['after'] / 2**20:.0f} MiB after. Load average when it ended: {m['load_average_1min']:.1f}.", "",

@@ -34,7 +34,8 @@ class Metrics:
     exit_layers: Counter = field(default_factory=Counter)  # backbone layers run -> generated tokens
     busy_seconds: float = 0.0  # wall time the worker spent in prefills and decoding steps
     steps: int = 0  # prefills + decoding steps
-    step_rows: int = 0  # rows over all steps (mean batch size = step_rows / steps)
+    decode_steps: int = 0
+    decode_rows: int = 0  # rows over all decoding steps (mean batch size = decode_rows / decode_steps)
     queue_length: int = 0  # set by the worker: requests waiting for a row
     running: int = 0  # requests in the running batch
     kv_used_tokens: int = 0  # KV-cache slots reserved by the running requests
@@ -52,12 +53,14 @@ class Metrics:
             self.exit_layer_sum += exit_layer
             self.exit_layers[exit_layer] += 1
 
-    def count_busy(self, seconds: float, rows: int) -> None:
-        """One prefill (rows=1) or one decoding step over `rows` rows took `seconds`."""
+    def count_busy(self, seconds: float, decode_rows: int = 0) -> None:
+        """One prefill (decode_rows=0) or one decoding step over `decode_rows` rows took `seconds`."""
         with self._lock:
             self.busy_seconds += seconds
             self.steps += 1
-            self.step_rows += rows
+            if decode_rows:
+                self.decode_steps += 1
+                self.decode_rows += decode_rows
 
     def count_generation(self, prompt_tokens: int, cancelled: bool) -> None:
         with self._lock:
@@ -78,7 +81,7 @@ class Metrics:
         with self._lock:
             tokens_per_s = self.generated_tokens / self.busy_seconds if self.busy_seconds else 0.0
             mean_exit = self.exit_layer_sum / self.generated_tokens if self.generated_tokens else 0.0
-            mean_batch = self.step_rows / self.steps if self.steps else 0.0
+            mean_batch = self.decode_rows / self.decode_steps if self.decode_steps else 0.0
             lines: list[str] = []
 
             def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -109,9 +112,10 @@ class Metrics:
                    [("", self.running)])
             metric("max_batch_size", "gauge", "Rows the running batch may hold (--max-batch-size).",
                    [("", self.max_batch_size)])
-            metric("mean_batch_size", "gauge", "Rows per worker step (prefills count as 1), since start.",
-                   [("", mean_batch)])
+            metric("mean_batch_size", "gauge", "Rows per decoding step, since start.", [("", mean_batch)])
             metric("steps_total", "counter", "Worker steps: prefills and decoding steps.", [("", self.steps)])
+            metric("decode_steps_total", "counter", "Decoding steps (all running rows, one token each).",
+                   [("", self.decode_steps)])
             metric("kv_cache_used_tokens", "gauge", "KV-cache slots reserved by the running requests.",
                    [("", self.kv_used_tokens)])
             metric("kv_cache_capacity_tokens", "gauge", "KV-cache slots in the pool (--kv-cache-tokens).",

@@ -273,7 +273,7 @@ class ModelWorker:
             self._accept(row, output.logits[0], output.exit_layers[0], time.perf_counter() - start)
         except Exception as error:
             self._fail([row], error)
-        self.metrics.count_busy(time.perf_counter() - start, rows=1)
+        self.metrics.count_busy(time.perf_counter() - start)
 
     def _step(self) -> None:
         """One decoding step for every running row: one forward per (cache, policy, river) group."""
@@ -293,7 +293,7 @@ class ModelWorker:
                     self._accept(row, output.logits[i], output.exit_layers[i], seconds)
             except Exception as error:
                 self._fail(rows, error)
-        self.metrics.count_busy(time.perf_counter() - start, rows=ran)
+        self.metrics.count_busy(time.perf_counter() - start, decode_rows=ran)
 
     def _accept(self, row: Row, logits: torch.Tensor, exit_layer: int, seconds: float) -> None:
         row.accept(logits, exit_layer, seconds)
