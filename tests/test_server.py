@@ -12,20 +12,19 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from riverllm.errors import RiverError
-from riverllm.server import ServerSettings, create_app
+from riverllm.server import ServerSettings
 from riverllm.server.app import Preparer, StopHoldback
 from riverllm.server.schemas import CompletionRequest
+from serving import metrics, running_server, wait_idle
+from single_thread import one_thread  # noqa: F401  (the worker runs one thread; references here too)
 
 API_KEY = "sk-river-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,45 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def server(smollm2):
     smollm2.river()  # built here, once, not inside the first request
-    app = create_app(smollm2, ServerSettings(api_key=API_KEY))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uvicorn_server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uvicorn_server.started
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, lm=smollm2, http=httpx.Client(base_url=url, timeout=120,
-                                                                headers={"Authorization": f"Bearer {API_KEY}"}))
-    uvicorn_server.should_exit = True
-    thread.join(60)
-    listener.close()
+    with running_server(smollm2, ServerSettings(api_key=API_KEY)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def metrics(server) -> dict[str, float]:
-    text = server.http.get("/metrics").text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("riverllm_") and "{" not in line}
-
-
-def wait_idle(server, timeout: float = 60) -> dict[str, float]:
-    """Wait until the worker has nothing running or waiting (a cancelled job stops at its next token)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        current = metrics(server)
-        if current["riverllm_running"] == 0 and current["riverllm_queue_length"] == 0:
-            return current
-        time.sleep(0.1)
-    raise AssertionError("the server's worker did not become idle")
 
 
 def library(server, prompt, **options):

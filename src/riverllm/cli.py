@@ -181,6 +181,13 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RIVERLLM_API_KEY",
                                           help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_queue: int = typer.Option(256, "--max-queue", help="requests allowed to wait; more get HTTP 429"),
+    max_batch_size: int = typer.Option(16, "--max-batch-size",
+                                       help="requests decoded together (continuous batching); 1: one at a time"),
+    kv_cache_tokens: Optional[int] = typer.Option(None, "--kv-cache-tokens",
+                                                  help="KV-cache pool in tokens (default: max(context, "
+                                                       "1024 x max-batch-size)); a request reserves prompt + max_tokens"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads of the model worker (default: 1 on "
+                                          "CPU, which keeps batched answers equal to answers alone)"),
     bits: int = typer.Option(4, help="river bit width of the default method"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
     device: Optional[str] = DeviceOption,
@@ -189,7 +196,8 @@ def serve(
     from riverllm.server import ServerSettings
     from riverllm.server import serve as run_server
 
-    settings = ServerSettings(host=host, port=port, method=method, tau=tau, api_key=api_key, max_queue=max_queue)
+    settings = ServerSettings(host=host, port=port, method=method, tau=tau, api_key=api_key, max_queue=max_queue,
+                              max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, threads=threads)
     settings.check()  # fail on a bad flag or a busy port before loading the model
     run_server(load_lm(model, device, bits, group_size), settings)
 

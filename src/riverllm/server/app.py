@@ -40,7 +40,7 @@ from riverllm.errors import RiverError
 from riverllm.policy import Method
 from riverllm.server.metrics import Metrics
 from riverllm.server.schemas import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest
-from riverllm.server.worker import Job, ModelWorker
+from riverllm.server.worker import BatchSettings, Job, ModelWorker
 
 logger = logging.getLogger("riverllm.server")
 
@@ -56,6 +56,9 @@ class ServerSettings:
     tau: float | None = None  # default tau for river methods (None: the model's default)
     api_key: str | None = None  # when set, /v1/* requires "Authorization: Bearer <api_key>"
     max_queue: int = 256  # requests allowed to wait; more get a 429
+    max_batch_size: int = 16  # requests decoding together (continuous batching); 1: one at a time
+    kv_cache_tokens: int | None = None  # KV pool in token slots (None: max(context, 1024 x max_batch_size))
+    threads: int | None = None  # torch threads of the model worker (None: 1 on CPU, for batch-invariant answers)
 
     def check(self) -> None:
         """Raise RiverError for settings that cannot work, before the model is loaded."""
@@ -64,6 +67,10 @@ class ServerSettings:
             raise RiverError(f"--port must be in 1..65535, got {self.port}")
         if self.max_queue < 1:
             raise RiverError(f"--max-queue must be at least 1, got {self.max_queue}")
+        for flag, value in (("--max-batch-size", self.max_batch_size), ("--kv-cache-tokens", self.kv_cache_tokens),
+                            ("--threads", self.threads)):
+            if value is not None and value < 1:
+                raise RiverError(f"{flag} must be at least 1, got {value}")
         with socket.socket() as probe:
             try:
                 probe.bind((self.host, self.port))
@@ -308,7 +315,8 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving `lm`. Its model worker starts and stops with the app's lifespan."""
     settings = settings or ServerSettings()
     metrics = Metrics(lm.num_layers)
-    worker = ModelWorker(lm, metrics)
+    worker = ModelWorker(lm, metrics, BatchSettings(settings.max_batch_size, settings.kv_cache_tokens,
+                                                    settings.threads))
     prepare = Preparer(lm, settings)
     started = int(time.time())
 
@@ -441,8 +449,9 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
 
     async def answer(request: Request, body: GenerationRequest, prepared: Prepared, chat: bool) -> Response:
         if worker.waiting >= settings.max_queue:
-            raise APIError(429, f"the server's queue is full ({worker.waiting} requests waiting): retry later",
-                           type="server_error", code="queue_full")
+            full = APIError(429, f"the server's queue is full ({worker.waiting} requests waiting): retry later",
+                            type="server_error", code="queue_full")
+            return JSONResponse(full.body(), status_code=429, headers={"Retry-After": str(worker.retry_after_s())})
         job = Job(prepared.prompt, prepared.options, prepared.prompt_tokens, asyncio.get_running_loop())
         worker.submit(job)
         reply = Reply(chat, lm.name)
