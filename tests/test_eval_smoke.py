@@ -128,8 +128,8 @@ def test_a_second_run_resumes_without_generating(smoke_run, smollm2, monkeypatch
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished sample was generated again")
 
-    monkeypatch.setattr(smollm2, "generate", must_not_run)
-    monkeypatch.setattr(smollm2, "teacher_forced", must_not_run)
+    for name in ("generate", "generate_batch", "teacher_forced", "teacher_forced_batch"):
+        monkeypatch.setattr(smollm2, name, must_not_run)
     assert run_eval(smollm2, smoke_config(out_dir)) == summary
 
     # An interrupted run: one sample never finished, the next was cut off mid-write.
@@ -137,9 +137,10 @@ def test_a_second_run_resumes_without_generating(smoke_run, smollm2, monkeypatch
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[1][:40])
     calls = []
-    monkeypatch.setattr(smollm2, "generate", lambda *a, **k: calls.append(a) or type(smollm2).generate(smollm2, *a, **k))
+    monkeypatch.setattr(smollm2, "generate_batch",
+                        lambda prompts, **k: calls.append(len(prompts)) or type(smollm2).generate_batch(smollm2, prompts, **k))
     resumed = run_eval(smollm2, smoke_config(out_dir))
-    assert len(calls) == 1
+    assert calls == [1]  # only the sample that never finished (one batch of one)
     assert path.read_text().count("\n") == 2 and all(json.loads(line) for line in path.read_text().splitlines())
     # The redone sample is greedy, so it comes out the same (only its timing differs).
     assert [(r["task"], r["method"], r["n"], r["score"]) for r in resumed["results"]] == \
