@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from riverllm.chat_tokens import encode_chat
 from riverllm.engine import GenerationResult, RiverEngine, SamplingConfig, decode
 from riverllm.errors import RiverError
 from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
@@ -146,12 +147,10 @@ class RiverLM:
         if not prompt:
             raise RiverError("the message list is empty: send at least one message")
         if not self.has_chat_template:
+            # Messages are user text: special-token text in them stays plain (chat_tokens.py).
             text = "\n".join(str(m.get("content", "")) for m in prompt)
-            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+            return self.tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        return encode_chat(self.tokenizer, prompt)
 
     # --- generation -----------------------------------------------------------------------------
 
