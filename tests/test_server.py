@@ -24,7 +24,7 @@ import uvicorn
 
 from riverllm.errors import RiverError
 from riverllm.server import ServerSettings, create_app
-from riverllm.server.app import Preparer, StopHoldback
+from riverllm.server.app import Preparer, uvicorn_config
 from riverllm.server.schemas import CompletionRequest
 
 API_KEY = "sk-river-test"
@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def server(smollm2):
     smollm2.river()  # built here, once, not inside the first request
-    app = create_app(smollm2, ServerSettings(api_key=API_KEY))
+    settings = ServerSettings(api_key=API_KEY, max_prompt_tokens=4096)
+    app = create_app(smollm2, settings)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    uvicorn_server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))  # serve's own limits
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -195,18 +196,6 @@ def test_method_and_tau_resolution(smollm2, server_tau, request_fields, method_n
     assert prepared.options["method"].name == method_name
     assert prepared.tau == (smollm2.default_tau() if tau == "model default" else tau)
     assert prepared.prompt_tokens == len(smollm2.encode("hi", raw=True))
-
-
-def test_stop_holdback_never_sends_a_stop_prefix():
-    # lm.stream's pieces for " 5, 6, 7" with stop ", 7": the last "," may start the stop string.
-    holdback = StopHoldback([", 7", "END"])
-    assert [holdback.push(piece) for piece in [" 5", ",", " 6", ","]] == [" 5", "", ", 6", ""]
-    assert holdback.finish(" 5, 6") == ""  # the answer is cut before the stop string: nothing more
-    unstopped = StopHoldback([", 7"])
-    assert "".join(unstopped.push(piece) for piece in [" 5", ",", " 6", ","]) == " 5, 6"
-    assert unstopped.finish(" 5, 6, 8") == ", 8"  # no stop after all: the held "," goes out at the end
-    plain = StopHoldback([])
-    assert [plain.push(p) for p in ["a", "b"]] == ["a", "b"] and plain.finish("abc") == "c"
 
 
 # --- bad requests --------------------------------------------------------------------------------
