@@ -350,6 +350,118 @@ def test_load_200_requests_from_16_clients_all_correct(server):
     assert answered <= 4 * requests
 
 
+# --- limits against hostile clients -------------------------------------------------------------------
+
+
+def test_limits_each_answered_with_the_right_status(server):
+    hi = {"model": server.lm.name, "prompt": "hi", "max_tokens": 2}
+    big = json.dumps({**hi, "prompt": "x" * (2 << 20)}).encode()
+    assert server.http.post("/v1/completions", content=big,
+                            headers={"Content-Type": "application/json"}).status_code == 413
+    # Chunked (no Content-Length): cut off while it streams in.
+    chunked = server.http.post("/v1/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                               headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    long_prompt = server.http.post("/v1/completions", json={**hi, "prompt": "word " * 5000})
+    assert long_prompt.status_code == 400 and "limit of 4096" in long_prompt.json()["error"]["message"]
+    for temperature in (1e-300, 1e-30, 5e-324):  # logits / temperature would overflow
+        tiny = server.http.post("/v1/completions", json={**hi, "temperature": temperature})
+        assert tiny.status_code == 400 and tiny.json()["error"]["param"] == "temperature", tiny.text
+    stops = server.http.post("/v1/completions", json={**hi, "stop": ["a", "b", "c", "d", "e"]})
+    assert stops.status_code == 400 and stops.json()["error"]["param"] == "stop"
+    long_stop = server.http.post("/v1/completions", json={**hi, "stop": ["x" * 1000]})
+    assert long_stop.status_code == 400 and long_stop.json()["error"]["param"] == "stop"
+    assert server.http.post("/v1/completions", json={**hi, "stop": ["a", "b", "c", "d"]}).status_code == 200
+
+
+@pytest.mark.parametrize("header", [b"Bearer \xff\xfe", b"\xc3\xa9", b"Bearer", b"", b"Basic abc",
+                                    b"Bearer " + API_KEY.encode() + b"\xe9"])
+def test_malformed_authorization_is_a_401(server, header):
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as connection:
+        connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: " + header +
+                           b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def test_docs_are_off_when_a_key_is_set(server):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert server.http.get(path).status_code == 404
+        assert httpx.get(server.url + path).status_code in (401, 404)
+
+
+def test_every_answer_is_counted_500s_included(smollm2):
+    app = create_app(smollm2, ServerSettings())
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        assert test_client.get("/boom").status_code == 500
+        assert test_client.post("/v1/completions", content=b"x" * (2 << 20)).status_code == 413
+        text = test_client.get("/metrics").text
+    assert 'riverllm_requests_total{endpoint="other",status="500"} 1' in text
+    assert 'riverllm_requests_total{endpoint="/v1/completions",status="413"} 1' in text
+
+
+def test_hostile_clients_do_not_starve_ordinary_ones(server):
+    """While 200 idle sockets stay open, 8 slow senders dribble a request byte by byte and 4
+    clients send 2 MiB bodies, ordinary requests are answered within ORDINARY_BOUND_S each and
+    /health within HEALTH_BOUND_S. Loopback only; the hostile clients stop after at most 20 s."""
+    ORDINARY_BOUND_S, HEALTH_BOUND_S = 15.0, 2.0
+    port = int(server.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    stop = threading.Event()
+
+    def slow_sender() -> None:
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                for byte in request:
+                    if stop.is_set():
+                        return
+                    connection.sendall(bytes([byte]))
+                    time.sleep(0.05)
+        except OSError:
+            pass  # the server may close on us: that is allowed
+
+    def large_bodies() -> None:
+        while not stop.is_set():
+            try:
+                httpx.post(server.url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=20)
+            except httpx.HTTPError:
+                pass
+
+    hostile = [threading.Thread(target=slow_sender) for _ in range(8)] + \
+              [threading.Thread(target=large_bodies) for _ in range(4)]
+    for thread in hostile:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(4):
+            started = time.monotonic()
+            assert server.http.get("/health").status_code == 200
+            assert time.monotonic() - started < HEALTH_BOUND_S
+            started = time.monotonic()
+            answer = server.http.post("/v1/completions", json={"model": server.lm.name, "prompt": "Hello",
+                                                               "max_tokens": 4, "temperature": 0})
+            assert answer.status_code == 200 and answer.json()["choices"][0]["text"] is not None
+            assert time.monotonic() - started < ORDINARY_BOUND_S
+    finally:
+        stop.set()
+        for connection in idle:
+            connection.close()
+        for thread in hostile:
+            thread.join(20)
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 
