@@ -17,6 +17,7 @@ import httpx
 import uvicorn
 
 from riverllm.server import ServerSettings, create_app
+from riverllm.server.app import uvicorn_config
 
 
 @contextmanager
@@ -25,7 +26,7 @@ def running_server(lm, settings: ServerSettings) -> Iterator[SimpleNamespace]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    uvicorn_server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))  # serve's own limits
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.time() + 60

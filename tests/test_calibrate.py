@@ -198,3 +198,17 @@ def test_command_writes_the_profile_and_prints_the_expected_depth(monkeypatch, c
     assert {"date", "riverllm_version", "probes"} <= saved.keys()
     assert f"tau = {saved['tau']:.4f}" in out and "expected mean exit layer" in out and "% of layers at full" in out
     assert smollm2.default_tau(4) == saved["tau"]  # the loaded model uses it from now on
+
+
+@pytest.mark.parametrize("entry, field", [({"group_size": 64, "tau": 0.9}, "bits"),
+                                          ({"bits": 4, "tau": 0.9}, "group_size"),
+                                          ({"bits": 4, "group_size": 64, "tau": "high"}, "tau"),
+                                          ("not an entry", "bits")])
+def test_a_profile_missing_a_field_is_a_one_line_error_naming_file_and_field(profiles, entry, field):
+    path = profile_store.profile_path("smollm2-135m")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"entries": {"4bit-g64": entry}}))
+    with pytest.raises(riverllm.RiverError) as error:
+        profile_store.load_profile_taus("smollm2-135m", 64)
+    message = str(error.value)
+    assert str(path) in message and repr(field) in message and "\n" not in message

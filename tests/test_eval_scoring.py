@@ -1,4 +1,4 @@
-"""Scoring of `riverllm eval`: numeric answers, HumanEval programs, and the code sandbox.
+"""Scoring of `riverllm eval`: numeric answers and HumanEval programs (the sandbox: test_sandbox.py).
 
 No model is loaded here: HumanEval is scored on its own canonical solutions (which must pass) and
 on wrong or hostile completions (which must fail without harming anything)."""
@@ -6,17 +6,12 @@ on wrong or hostile completions (which must fail without harming anything)."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-from riverllm.eval import sandbox
 from riverllm.eval.answers import answers_match, extract_answer, parse_reference
 from riverllm.eval.metrics import MetricContext, match_rates
-from riverllm.eval.sandbox import SandboxLimits, run_python
+from riverllm.eval.sandbox import check_function
 from riverllm.eval.tasks import (
     GSM8K,
     ASDiv,
@@ -26,6 +21,7 @@ from riverllm.eval.tasks import (
     _detokenize_brown,
     extract_code,
     humaneval_program,
+    humaneval_tests,
 )
 
 # --- numeric answers ----------------------------------------------------------------------------
@@ -120,8 +116,14 @@ def test_extract_code_from_chat_replies():
     assert extract_code("    return x + 1") == "    return x + 1"
 
 
-# Every 8th problem: enough variety (imports, helper functions, long tests) to run quickly.
-CANONICAL_IDS = [f"HumanEval/{i}" for i in range(0, 164, 8)]
+def _check(problem: dict, completion: str, chat: bool):
+    return check_function(humaneval_program(problem, completion, chat), problem["entry_point"],
+                          humaneval_tests(problem))
+
+
+# Every 8th problem: enough variety (imports, helper functions, long tests) to run quickly; plus
+# 32 (its tests use the prompt's helper `poly`) and 33 (its tests call the function by name).
+CANONICAL_IDS = [f"HumanEval/{i}" for i in [*range(0, 164, 8), 33]]
 
 
 @pytest.mark.parametrize("task_id", CANONICAL_IDS)
@@ -135,7 +137,7 @@ def test_canonical_solutions_pass_in_every_reply_shape(problems, task_id):
         "chat, body only": (f"```python\n{body}```", True),
     }
     for shape, (completion, chat) in shapes.items():
-        result = run_python(humaneval_program(problem, completion, chat))
+        result = _check(problem, completion, chat)
         assert result.passed, f"{task_id} ({shape}): {result.detail}"
 
 
@@ -145,94 +147,14 @@ def test_wrong_solutions_fail(problems):
     for completion, chat in [("    return False\n", False), (other, False), ("    return (\n", False),
                              ("I am not sure how to solve this.", True),
                              ("```python\ndef has_close_elements(numbers, threshold):\n    return True\n```", True)]:
-        result = run_python(humaneval_program(problem, completion, chat))
+        result = _check(problem, completion, chat)
         assert not result.passed and result.status == "failed", completion
 
 
 def test_a_program_that_exits_early_does_not_pass(problems):
     problem = problems["HumanEval/0"].data
-    result = run_python(humaneval_program(problem, "    return False\nimport sys\nsys.exit(0)\n", False))
+    result = _check(problem, "    return False\nimport sys\nsys.exit(0)\n", False)
     assert not result.passed and "exited before its tests finished" in result.detail
-
-
-# --- the sandbox --------------------------------------------------------------------------------
-
-FAST = SandboxLimits(timeout_s=3, cpu_s=3)
-
-
-def _hostile_completions(target: Path) -> dict[str, str]:
-    """Chat replies for HumanEval/0 that attack the machine from inside the function body."""
-    def reply(body: str) -> str:
-        indented = "\n".join("    " + line for line in body.strip().splitlines())
-        return f"```python\ndef has_close_elements(numbers, threshold):\n{indented}\n    return True\n```"
-    return {
-        "write outside": reply(f"open({str(target)!r}, 'w').write('pwned')"),
-        "write outside (relative)": reply(f"open('../{target.name}', 'w').write('pwned')"),
-        "delete outside": reply(f"import os\nos.remove({str(target.parent / 'keep.txt')!r})"),
-        "fork bomb": reply("import os\nwhile True:\n    os.fork()"),
-        "process bomb": reply("import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '100'])"),
-        "shell": reply(f"import os\nos.system('touch {target}')"),
-        "infinite loop": reply("while True:\n    pass"),
-        "sleep forever": reply("import time\ntime.sleep(10000)"),
-        "100 GB allocation": reply("block = bytearray(100 * 2**30)"),
-        "100 GB list": reply("block = [0] * (100 * 2**30 // 8)"),
-        "network": reply("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)"),
-        "ctypes escape": reply("import ctypes\nctypes.CDLL(None).fork()"),
-        "huge output": reply("while True:\n    print('x' * 100000)"),
-    }
-
-
-def test_hostile_completions_are_stopped_scored_as_failures_and_the_run_goes_on(problems, tmp_path):
-    """A sweep through hostile completions: each is stopped and fails, nothing outside its
-    directory changes, no process survives, and a correct completion afterwards still passes."""
-    target = tmp_path / "outside.txt"
-    (tmp_path / "keep.txt").write_text("keep me")
-    task = HumanEval(FAST)
-    sample = problems["HumanEval/0"]
-    leftovers_before = set(Path(tempfile.gettempdir()).glob("riverllm-sandbox-*"))
-    for name, completion in _hostile_completions(target).items():
-        started = time.monotonic()
-        score, details = task.score(sample, completion, chat=True)
-        assert score == 0.0 and details["status"] in ("failed", "timeout"), name
-        assert time.monotonic() - started < FAST.timeout_s + 5, f"{name} was not stopped in time"
-    correct = f"```python\n{sample.data['prompt']}{sample.data['canonical_solution']}```"
-    assert task.score(sample, correct, chat=True) == (1.0, {"status": "passed", "error": ""})
-    assert not target.exists()
-    assert (tmp_path / "keep.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
-    assert set(Path(tempfile.gettempdir()).glob("riverllm-sandbox-*")) == leftovers_before
-    # Nothing the programs started is still running (sleep 100 from the process bomb, forks).
-    time.sleep(0.2)
-    running = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _command(p).startswith(("sleep 100",))]
-    assert not running
-
-
-def _command(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def test_the_reason_for_a_failure_is_kept():
-    assert run_python("while True:\n    pass\n", FAST).status == "timeout"
-    assert run_python("x = bytearray(100 * 2**30)\n", FAST).detail == "MemoryError"
-    assert "writing outside the sandbox" in run_python("open('/tmp/riverllm-x', 'w')\n", FAST).detail
-    assert run_python("assert 1 == 2\n", FAST).detail == "AssertionError"
-    assert run_python("import tempfile\nwith tempfile.TemporaryFile() as f:\n    f.write(b'ok')\n"
-                      "open('inside.txt', 'w').write('ok')\n", FAST).passed
-
-
-def test_os_limits_hold_without_the_audit_hook(monkeypatch):
-    """The OS layer alone (namespaces, pids cgroup, rlimits) stops a fork bomb and cuts the network."""
-    if not sandbox._namespace_prefix() and sandbox._new_pids_cgroup(1) is None and os.geteuid() == 0:
-        pytest.skip("this OS offers neither namespaces nor a pids cgroup, and root ignores RLIMIT_NPROC")
-    monkeypatch.setattr(sandbox, "BOOTSTRAP", sandbox.BOOTSTRAP.replace("sys.addaudithook(hook)", "pass"))
-    bomb = run_python("import os\nwhile True:\n    os.fork()\n", FAST)
-    assert not bomb.passed and "BlockingIOError" in bomb.detail
-    if sandbox._namespace_prefix():
-        network = run_python("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n", FAST)
-        assert not network.passed and "unreachable" in network.detail
 
 
 # --- perplexity, match, Brown text --------------------------------------------------------------

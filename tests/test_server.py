@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from riverllm.errors import RiverError
-from riverllm.server import ServerSettings
-from riverllm.server.app import Preparer, StopHoldback
+from riverllm.server import ServerSettings, create_app
+from riverllm.server.app import Preparer, uvicorn_config
 from riverllm.server.schemas import CompletionRequest
 from serving import metrics, running_server, wait_idle
 from single_thread import one_thread  # noqa: F401  (the worker runs one thread; references here too)
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def server(smollm2):
     smollm2.river()  # built here, once, not inside the first request
-    with running_server(smollm2, ServerSettings(api_key=API_KEY)) as running:
+    with running_server(smollm2, ServerSettings(api_key=API_KEY, max_prompt_tokens=4096)) as running:
         yield running
 
 
@@ -162,18 +162,6 @@ def test_method_and_tau_resolution(smollm2, server_tau, request_fields, method_n
     assert prepared.options["method"].name == method_name
     assert prepared.tau == (smollm2.default_tau() if tau == "model default" else tau)
     assert prepared.prompt_tokens == len(smollm2.encode("hi", raw=True))
-
-
-def test_stop_holdback_never_sends_a_stop_prefix():
-    # lm.stream's pieces for " 5, 6, 7" with stop ", 7": the last "," may start the stop string.
-    holdback = StopHoldback([", 7", "END"])
-    assert [holdback.push(piece) for piece in [" 5", ",", " 6", ","]] == [" 5", "", ", 6", ""]
-    assert holdback.finish(" 5, 6") == ""  # the answer is cut before the stop string: nothing more
-    unstopped = StopHoldback([", 7"])
-    assert "".join(unstopped.push(piece) for piece in [" 5", ",", " 6", ","]) == " 5, 6"
-    assert unstopped.finish(" 5, 6, 8") == ", 8"  # no stop after all: the held "," goes out at the end
-    plain = StopHoldback([])
-    assert [plain.push(p) for p in ["a", "b"]] == ["a", "b"] and plain.finish("abc") == "c"
 
 
 # --- bad requests --------------------------------------------------------------------------------
@@ -326,6 +314,130 @@ def test_load_200_requests_from_16_clients_all_correct(server):
     requests = 200 + 8  # the load plus one reference per prompt and endpoint
     answered = after["riverllm_generated_tokens_total"] - before["riverllm_generated_tokens_total"]
     assert answered <= 4 * requests
+
+
+# --- limits against hostile clients -------------------------------------------------------------------
+
+
+def raw_request(server, headers: bytes, body: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=30) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Authorization: Bearer {API_KEY}\r\n".encode() + headers + b"\r\n" + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+            if b"}" in answer:
+                break
+    return answer
+
+
+def test_limits_each_answered_with_the_right_status(server):
+    hi = {"model": server.lm.name, "prompt": "hi", "max_tokens": 2}
+    # Raw sockets: the 413 comes before the rest of the body is read, so a client still sending
+    # a large body may be reset; these send no more than the server reads.
+    declared = raw_request(server, b"Content-Length: 2097152\r\n", b"")
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    chunk = b"x" * 65536
+    chunked = raw_request(server, b"Transfer-Encoding: chunked\r\n", (b"10000\r\n" + chunk + b"\r\n") * 17)
+    assert chunked.startswith(b"HTTP/1.1 413") and b"request_too_large" in chunked, chunked[:200]
+    long_prompt = server.http.post("/v1/completions", json={**hi, "prompt": "word " * 5000})
+    assert long_prompt.status_code == 400 and "limit of 4096" in long_prompt.json()["error"]["message"]
+    for temperature in (1e-300, 1e-30, 5e-324):  # logits / temperature would overflow
+        tiny = server.http.post("/v1/completions", json={**hi, "temperature": temperature})
+        assert tiny.status_code == 400 and tiny.json()["error"]["param"] == "temperature", tiny.text
+    stops = server.http.post("/v1/completions", json={**hi, "stop": ["a", "b", "c", "d", "e"]})
+    assert stops.status_code == 400 and stops.json()["error"]["param"] == "stop"
+    long_stop = server.http.post("/v1/completions", json={**hi, "stop": ["x" * 1000]})
+    assert long_stop.status_code == 400 and long_stop.json()["error"]["param"] == "stop"
+    assert server.http.post("/v1/completions", json={**hi, "stop": ["a", "b", "c", "d"]}).status_code == 200
+
+
+@pytest.mark.parametrize("header", [b"Bearer \xff\xfe", b"\xc3\xa9", b"Bearer", b"", b"Basic abc",
+                                    b"Bearer " + API_KEY.encode() + b"\xe9"])
+def test_malformed_authorization_is_a_401(server, header):
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as connection:
+        connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: " + header +
+                           b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def test_docs_are_off_when_a_key_is_set(server):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert server.http.get(path).status_code == 404
+        assert httpx.get(server.url + path).status_code in (401, 404)
+
+
+def test_every_answer_is_counted_500s_included(smollm2):
+    app = create_app(smollm2, ServerSettings())
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        assert test_client.get("/boom").status_code == 500
+        assert test_client.post("/v1/completions", content=b"x" * (2 << 20)).status_code == 413
+        text = test_client.get("/metrics").text
+    assert 'riverllm_requests_total{endpoint="other",status="500"} 1' in text
+    assert 'riverllm_requests_total{endpoint="/v1/completions",status="413"} 1' in text
+
+
+def test_hostile_clients_do_not_starve_ordinary_ones(server):
+    """While 200 idle sockets stay open, 8 slow senders dribble a request byte by byte and 4
+    clients send 2 MiB bodies, ordinary requests are answered within ORDINARY_BOUND_S each and
+    /health within HEALTH_BOUND_S. Loopback only; the hostile clients stop after at most 20 s."""
+    ORDINARY_BOUND_S, HEALTH_BOUND_S = 15.0, 2.0
+    port = int(server.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    stop = threading.Event()
+
+    def slow_sender() -> None:
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                for byte in request:
+                    if stop.is_set():
+                        return
+                    connection.sendall(bytes([byte]))
+                    time.sleep(0.05)
+        except OSError:
+            pass  # the server may close on us: that is allowed
+
+    def large_bodies() -> None:
+        while not stop.is_set():
+            try:
+                httpx.post(server.url + "/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=20)
+            except httpx.HTTPError:
+                pass
+
+    hostile = [threading.Thread(target=slow_sender) for _ in range(8)] + \
+              [threading.Thread(target=large_bodies) for _ in range(4)]
+    for thread in hostile:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(4):
+            started = time.monotonic()
+            assert server.http.get("/health").status_code == 200
+            assert time.monotonic() - started < HEALTH_BOUND_S
+            started = time.monotonic()
+            answer = server.http.post("/v1/completions", json={"model": server.lm.name, "prompt": "Hello",
+                                                               "max_tokens": 4, "temperature": 0})
+            assert answer.status_code == 200 and answer.json()["choices"][0]["text"] is not None
+            assert time.monotonic() - started < ORDINARY_BOUND_S
+    finally:
+        stop.set()
+        for connection in idle:
+            connection.close()
+        for thread in hostile:
+            thread.join(20)
 
 
 # --- the command -------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ its inputs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from riverllm.chat_tokens import encode_chat
 from riverllm.engine import GenerationResult, RiverEngine, SamplingConfig, decode
 from riverllm.errors import RiverError
 from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
@@ -39,9 +39,13 @@ class StreamEvent:
     result: GenerationResult | None = None  # set on the last event only
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_SEED = 2**63 - 1
+
+
 def check_generation_options(method: str | Method = "river", tau: float | None = None, max_new_tokens: int = 128,
                              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                             bits: int | None = None, **_ignored) -> Method:
+                             bits: int | None = None, seed: int | None = None, **_ignored) -> Method:
     """Validate what can be validated without a model (so that a typo fails before a slow load)."""
     method = Method.parse(method, bits) if isinstance(method, str) else method
     if tau is not None:
@@ -50,8 +54,13 @@ def check_generation_options(method: str | Method = "river", tau: float | None =
         method = Method(method.kind, method.bits, check_tau(tau), method.schedule)
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise RiverError(f"max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
-    if temperature < 0 or math.isnan(temperature) or not 0 < top_p <= 1 or top_k < 0:
-        raise RiverError("sampling settings out of range: temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+    if (not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE) or not 0 < top_p <= 1
+            or top_k < 0):
+        # logits / temperature overflows float32 for temperatures near 0 (and nan/inf are no values)
+        raise RiverError(f"sampling settings out of range: temperature 0 (greedy) or {MIN_TEMPERATURE:g} to "
+                         f"{MAX_TEMPERATURE:g}, 0 < top-p <= 1, top-k >= 0; got {temperature:g}, {top_p:g}, {top_k}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RiverError(f"the seed must be between 0 and {MAX_SEED} (torch's generator range), got {seed}")
     return method
 
 
@@ -147,12 +156,10 @@ class RiverLM:
         if not prompt:
             raise RiverError("the message list is empty: send at least one message")
         if not self.has_chat_template:
+            # Messages are user text: special-token text in them stays plain (chat_tokens.py).
             text = "\n".join(str(m.get("content", "")) for m in prompt)
-            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+            return self.tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        return encode_chat(self.tokenizer, prompt)
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -196,7 +203,7 @@ class RiverLM:
         the CUDA-graph runner on a GPU and the eager engine elsewhere."""
         if not prompts:
             raise RiverError("no prompts given")
-        check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits)
+        check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits, seed)
         method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers, exit_rule)
         prompt_ids = [self.encode(p, raw) for p in prompts]
         budget = self._check_lengths(prompt_ids, max_new_tokens)

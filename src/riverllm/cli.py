@@ -222,6 +222,9 @@ def eval_command(
     bits: int = typer.Option(4, help="river bit width for methods that name none"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    unsafe_exec: bool = typer.Option(False, "--unsafe-exec", help="run HumanEval's model-written code even where "
+                                     "the OS sandbox is unavailable (docs/security.md): only on a machine you "
+                                     "can throw away"),
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Measure accuracy and speed of every method on real tasks; writes report.md, summary.json and plots."""
@@ -229,7 +232,8 @@ def eval_command(
     from riverllm.eval.runner import EvalConfig, run_eval
 
     config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, metrics, ppl_tokens=ppl_tokens,
-                              ppl_window=ppl_window, seed=seed, progress=not quiet, batch_size=batch_size)
+                              ppl_window=ppl_window, seed=seed, progress=not quiet,
+                              unsafe_exec=unsafe_exec, batch_size=batch_size)
     summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet), config)
     typer.echo(markdown_table(summary))
     typer.echo(f"report written to {out / 'report.md'}", err=True)

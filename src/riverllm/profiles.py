@@ -41,6 +41,10 @@ def entry_key(bits: int, group_size: int) -> str:
     return f"{bits}bit-g{group_size}"
 
 
+# What every entry must hold for a load to use it (calibrate writes more, for people to read).
+REQUIRED_FIELDS = {"bits": int, "group_size": int, "tau": (int, float)}
+
+
 def read_profile(model: str) -> dict:
     """The model's profile ({} when it has none). A file that is not a profile is an error, not
     something to silently ignore: the user then runs with another tau than they calibrated."""
@@ -51,6 +55,11 @@ def read_profile(model: str) -> dict:
         profile = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(profile, dict) or not isinstance(profile.get("entries", {}), dict):
             raise ValueError("not a riverllm profile")
+        for key, entry in profile.get("entries", {}).items():
+            for field, kinds in REQUIRED_FIELDS.items():
+                value = entry.get(field) if isinstance(entry, dict) else None
+                if not isinstance(value, kinds) or isinstance(value, bool):
+                    raise ValueError(f"entry {key!r} has no valid field {field!r}")
     except (OSError, ValueError) as error:
         raise RiverError(f"the calibration profile {path} is unreadable ({error}); "
                          "delete it or run `riverllm calibrate` again") from None

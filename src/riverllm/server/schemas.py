@@ -17,6 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop string: a held-back tail is never longer
+
+
 class APIError(Exception):
     """An error answered with `status` and an OpenAI-style body {"error": {...}}."""
 
@@ -63,6 +67,9 @@ class GenerationRequest(BaseModel):
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise APIError(400, f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters "
+                                f"each (got {len(stops)}, the longest {max(map(len, stops))})", param="stop")
         return [s for s in stops if s]
 
     def refusals(self) -> APIError | None:
