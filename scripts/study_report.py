@@ -112,9 +112,9 @@ def markdown(study: dict) -> str:
         for method, row in sorted(rows.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
             share = row["full_precision_share"]
             lines.append(f"| {method} | {row['n']} | {row['score']:.2f} | {row['mean_exit_layer']:.2f} | "
-                         f"{'-' if share is None else f'{100 * share:.0f}%'} | {cell(row.get('vs_dense'))} | "
+                         f"{'-' if share is None else format(100 * share, '.0f') + '%'} | {cell(row.get('vs_dense'))} | "
                          f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | "
-                         f"{'-' if 'gap_recovered' not in row else f'{row['gap_recovered']:.2f}'} |")
+                         f"{'-' if 'gap_recovered' not in row else format(row['gap_recovered'], '.2f')} |")
         lines.append("")
     return "\n".join(lines)
 

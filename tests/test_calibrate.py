@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import riverllm
-from riverllm import calibrate as calibration
 from riverllm import profiles as profile_store
 from riverllm.calibrate import HELD_OUT_OFFSET, Target, calibrate, calibration_segments, dense_pass, heldout_documents
 from riverllm.eval.tasks import Perplexity, brown_documents

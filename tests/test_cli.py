@@ -142,3 +142,51 @@ def test_checksum_mismatch_leaves_nothing_behind(tmp_path):
     assert_one_line_error(proc, "checksum")
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
+
+
+def test_every_option_has_help_and_booleans_are_flags():
+    import typer.main
+
+    from riverllm.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            assert param.help, f"riverllm {name} {param.opts}: no help text"
+            if isinstance(param.default, bool):
+                assert getattr(param, "is_flag", False), f"riverllm {name} {param.opts}: a boolean that takes a value"
+
+
+def test_stop_escapes_are_read_as_characters():
+    from riverllm.cli import unescape
+
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb") == "a\tb" and unescape(r"x\\n") == "x\\n"
+    assert unescape(r"\q") == r"\q" and unescape("é\n") == "é\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["inspect", "--prompt", "hi", "--plot", "/proc/no/such/dir/x.png"], ["--plot", "cannot write"]),
+    (["generate", "--prompt", "hi", "--device", "meta"], ["meta", "cpu"]),
+])
+def test_bad_paths_and_devices_are_one_line_errors(tiny_dir, args, words):
+    assert_one_line_error(run(*args, "--model", str(tiny_dir)), *words)
+
+
+def test_summary_line_says_which_tau_ran_and_where_it_came_from(tiny_dir):
+    given = run("generate", "--model", str(tiny_dir), "--prompt", "Hello", "-n", "3", "--tau", "0.5")
+    assert given.returncode == 0, given.stderr
+    assert "tau 0.5 from the request" in given.stderr
+    default = run("generate", "--model", str(tiny_dir), "--prompt", "Hello", "-n", "3")
+    assert "from the default" in default.stderr or "from the profile" in default.stderr
+
+
+def test_chat_trims_the_oldest_turns_to_fit_the_context(tiny_dir):
+    """The tiny model has a 64-token context: a few turns overflow it. The chat goes on, says once
+    that it drops old turns, and refuses (without ending) a single message too long to fit."""
+    turns = "\n".join(["tell me about rivers and seas"] * 5 + ["word " * 200, "/exit"]) + "\n"
+    proc = subprocess.run([*CLI, "chat", "--model", str(tiny_dir), "-n", "8"], input=turns, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("dropping its oldest turns") == 1
+    assert "does not fit the context window" in proc.stderr
+    assert proc.stdout.count("river> ") == 5

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,9 @@ import pytest
 
 from riverllm.errors import RiverError
 from riverllm.server import ServerSettings, create_app
-from riverllm.server.app import Preparer, uvicorn_config
+from riverllm.server.app import Preparer
 from riverllm.server.schemas import CompletionRequest
-from serving import metrics, running_server, wait_idle
+from serving import running_server, wait_idle
 from single_thread import one_thread  # noqa: F401  (the worker runs one thread; references here too)
 
 API_KEY = "sk-river-test"

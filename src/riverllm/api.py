@@ -110,6 +110,15 @@ class RiverLM:
             return self.profile_tau[bits]
         return DEFAULT_TAU.get(self.model_type, FALLBACK_TAU)
 
+    def tau_used(self, method: Method, tau: float | None) -> tuple[float | None, str]:
+        """The threshold a generation runs with, and where it came from (for the summary line: a
+        calibrated profile in the cache changes River's behaviour, and the user must see it)."""
+        if not method.uses_tau:
+            return None, ""
+        if tau is not None or method.tau is not None:
+            return (tau if tau is not None else method.tau), "request"
+        return self.default_tau(method.bits), "profile" if method.bits in self.profile_tau else "default"
+
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: set[int] = set()
         for source in (self.model.generation_config.eos_token_id if self.model.generation_config else None,
@@ -205,6 +214,7 @@ class RiverLM:
             raise RiverError("no prompts given")
         check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits, seed)
         method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers, exit_rule)
+        used_tau, tau_source = self.tau_used(method, tau)
         prompt_ids = [self.encode(p, raw) for p in prompts]
         budget = self._check_lengths(prompt_ids, max_new_tokens)
         streams = [TextStream(self.tokenizer, stop or ()) for _ in prompts]
@@ -242,6 +252,7 @@ class RiverLM:
                         token_times=times[row],
                         finish_reason="stop" if (hit_eos or streams[row].stopped) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
+                        tau=used_tau, tau_source=tau_source,
                     )
                 yield row, StreamEvent(delta, token, event.exit_layers[row], result)
 

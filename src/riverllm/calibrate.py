@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING

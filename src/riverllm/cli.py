@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def unescape(text: str) -> str:
+    """A shell passes `--stop "\\n\\n"` as backslash-n: read \\n, \\t and \\\\ as the characters."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m.group(1), m.group(0)), text)
+
+
 def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False):
     import riverllm
 
@@ -42,10 +48,12 @@ def generate(
     tau: Optional[float] = typer.Option(None, help="exit threshold on cos(h_{l-1}, h_l); default per model"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 is greedy"),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling: keep the smallest set of tokens with this "
+                                "probability mass"),
     top_k: int = typer.Option(0, "--top-k", help="0 is off"),
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
-    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable); \\n, \\t and \\\\ are "
+                                   "read as newline, tab and backslash"),
     raw: bool = typer.Option(False, "--raw", help="feed the prompt as is, no chat template"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
     bits: int = typer.Option(4, help="river bit width: 2, 3, 4 or 8"),
@@ -60,7 +68,8 @@ def generate(
     from riverllm.river import QuantConfig
 
     options = dict(method=method, tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, seed=seed, stop=stop, raw=raw, bits=bits, min_exit_layer=min_exit_layer,
+                   top_k=top_k, seed=seed, stop=[unescape(s) for s in stop], raw=raw, bits=bits,
+                   min_exit_layer=min_exit_layer,
                    max_backbone_layers=max_backbone_layers)
     check_generation_options(**options)  # fail on a typo before the slow load
     QuantConfig(bits, group_size)
@@ -83,15 +92,19 @@ def generate(
 @app.command()
 def chat(
     model: str = ModelOption,
-    method: str = typer.Option("river"),
-    tau: Optional[float] = typer.Option(None),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0),
+    method: str = typer.Option("river", help="dense | w4 | river (also w3, river3, river:0.9 ...)"),
+    tau: Optional[float] = typer.Option(None, help="exit threshold on cos(h_{l-1}, h_l); default per model"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="tokens per reply at most"),
+    temperature: float = typer.Option(0.0, help="0 is greedy"),
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Chat interactively (streaming). Type /exit or Ctrl-D to leave, /reset to forget."""
+    from riverllm.api import check_generation_options
+
+    check_generation_options(method, tau, max_new_tokens, temperature)
     lm = load_lm(model, device)
     messages: list[dict] = []
+    trimmed_before = False
     typer.echo(f"chatting with {model} ({method}); /exit to leave, /reset to start over", err=True)
     while True:
         try:
@@ -107,6 +120,18 @@ def chat(
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        # Keep the conversation inside the context window: drop the oldest turns, and say so once.
+        room = lm.context_length - min(max_new_tokens, lm.context_length // 2)
+        while len(messages) > 1 and len(lm.encode(messages)) > room:
+            messages = messages[2:] if len(messages) > 2 else messages[1:]
+            if not trimmed_before:
+                typer.echo("[the conversation is longer than the context window: dropping its oldest turns]", err=True)
+                trimmed_before = True
+        if len(lm.encode(messages)) > room:
+            typer.echo(f"[that message alone does not fit the context window of {lm.context_length} tokens: "
+                       "send a shorter one]", err=True)
+            messages.pop()
+            continue
         sys.stdout.write("river> ")
         result = None
         for event in lm.stream(messages, method=method, tau=tau, max_new_tokens=max_new_tokens,
@@ -120,7 +145,7 @@ def chat(
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json")) -> None:
+def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """List the packaged models, their size and whether they are installed."""
     from riverllm.loading import list_models
 
@@ -139,17 +164,23 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command()
 def inspect(
-    prompt: str = typer.Option(..., "--prompt", "-p"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the text whose similarities to show"),
     model: str = ModelOption,
-    raw: bool = typer.Option(False, "--raw"),
+    raw: bool = typer.Option(False, "--raw", help="feed the prompt as is, no chat template"),
     tau: Optional[float] = typer.Option(None, help="highlight similarities above this"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a heat-map PNG here"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Show the state transition similarity s_l = cos(h_{l-1}, h_l) of each prompt token at each layer."""
     from riverllm.inspect import similarity_table, write_heatmap
 
+    if not prompt.strip():
+        fail("the prompt is empty: pass some text with --prompt")
+    if plot is not None:
+        folder = plot.expanduser().resolve().parent
+        if plot.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            fail(f"--plot {plot}: cannot write a file there (is the folder missing or read-only?)")
     lm = load_lm(model, device, quiet=as_json)
     report = similarity_table(lm, prompt, raw=raw, tau=tau)
     if plot is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from riverllm.errors import RiverError
 from riverllm.files import write_atomic
 from riverllm.policy import ExitPolicy
 
@@ -13,6 +14,9 @@ from riverllm.policy import ExitPolicy
 def similarity_table(lm, prompt: str, raw: bool = False, tau: float | None = None) -> dict:
     """Run the prompt through the full backbone (no exit) and record s_l for every token and layer."""
     ids = lm.encode(prompt, raw)
+    if len(ids) > lm.context_length:
+        raise RiverError(f"the prompt has {len(ids)} tokens but the model's context window is {lm.context_length}: "
+                         "shorten it")
     engine = lm.engine
     cache = engine.new_cache(1, len(ids))
     out = engine.forward(torch.tensor([ids], device=engine.device), cache, ExitPolicy(), record_similarities=True)

@@ -424,6 +424,8 @@ def _torch_device(device: str | torch.device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise RiverError(f"invalid device '{device}'; use cpu, cuda or cuda:N") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise RiverError(f"device '{device}' is not supported: riverllm runs on cpu and cuda (cuda:N)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RiverError(f"device '{device}' was asked for but CUDA is not available here; use --device cpu")
     return resolved

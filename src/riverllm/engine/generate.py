@@ -160,6 +160,8 @@ class GenerationResult:
     num_layers: int
     method: str = ""
     extra: dict = field(default_factory=dict)
+    tau: float | None = None  # the exit threshold used (None: the method has none)
+    tau_source: str = ""  # where it came from: "request" (given), "profile" (calibrated) or "default"
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,7 +184,8 @@ class GenerationResult:
         return self.mean_exit_layer / self.num_layers
 
     def summary(self) -> str:
-        return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}, "
+        tau = "" if self.tau is None else f" (tau {self.tau:g} from the {self.tau_source})"
+        return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, "
                 f"mean exit layer {self.mean_exit_layer:.1f}/{self.num_layers}, "
                 f"{100 * self.full_precision_share:.0f}% of layers at full precision")
 
