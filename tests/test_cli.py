@@ -190,3 +190,16 @@ def test_chat_trims_the_oldest_turns_to_fit_the_context(tiny_dir):
     assert proc.stderr.count("dropping its oldest turns") == 1
     assert "does not fit the context window" in proc.stderr
     assert proc.stdout.count("river> ") == 5
+
+
+def test_cache_files_are_readable_like_any_other_file(tmp_path):
+    """The one atomic writer leaves files with the umask's ordinary mode (mkstemp alone makes 0600)."""
+    from riverllm.files import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_text_atomic(tmp_path / "sub" / "profile.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and path.read_text() == "{}"
+    assert list(path.parent.iterdir()) == [path]  # no temp file left

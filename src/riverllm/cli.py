@@ -221,6 +221,12 @@ def serve(
                                           "CPU, which keeps batched answers equal to answers alone)"),
     bits: int = typer.Option(4, help="river bit width of the default method"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="larger request bodies get HTTP 413"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens",
+                                                    help="longer prompts get HTTP 400 (default: the context length)"),
+    max_connections: int = typer.Option(512, "--max-connections", help="open connections and requests at once; "
+                                        "beyond it HTTP 503"),
+    keep_alive_s: float = typer.Option(5.0, "--keep-alive", help="seconds an idle keep-alive connection stays open"),
     device: Optional[str] = DeviceOption,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, streaming)."""
@@ -228,7 +234,9 @@ def serve(
     from riverllm.server import serve as run_server
 
     settings = ServerSettings(host=host, port=port, method=method, tau=tau, api_key=api_key, max_queue=max_queue,
-                              max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, threads=threads)
+                              max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens, threads=threads,
+                              max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
+                              max_connections=max_connections, keep_alive_s=keep_alive_s)
     settings.check()  # fail on a bad flag or a busy port before loading the model
     run_server(load_lm(model, device, bits, group_size), settings)
 

@@ -84,6 +84,8 @@ class ServerSettings:
                 raise RiverError(f"{flag} must be at least 1, got {value}")
         if self.max_body_bytes < 1024 or (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1):
             raise RiverError("the body limit must be at least 1024 bytes and the prompt-token limit at least 1")
+        if self.max_connections < 1 or not self.keep_alive_s > 0:
+            raise RiverError("--max-connections must be at least 1 and --keep-alive above 0 seconds")
         with socket.socket() as probe:
             try:
                 probe.bind((self.host, self.port))
