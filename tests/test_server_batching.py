@@ -111,6 +111,9 @@ def test_full_queue_answers_429_with_retry_after_and_cancelled_rows_free_their_b
         with server.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as running:
             lines = running.iter_lines()  # kept: a collected iterator would close the stream
             assert any('"content": "' in line for line in lines)  # it holds the only row
+            deadline = time.time() + 30  # the first chunk (the role) may come before admission
+            while metrics(server)["riverllm_kv_cache_used_tokens"] == 0 and time.time() < deadline:
+                time.sleep(0.05)
             used = metrics(server)["riverllm_kv_cache_used_tokens"]
             assert used >= 2000  # prompt + max_tokens reserved, in whole blocks
             waiting = threading.Thread(target=post_and_leave, args=(server.url + "/v1/chat/completions", body, 2.0),
