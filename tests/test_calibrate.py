@@ -211,3 +211,38 @@ def test_a_profile_missing_a_field_is_a_one_line_error_naming_file_and_field(pro
         profile_store.load_profile_taus("smollm2-135m", 64)
     message = str(error.value)
     assert str(path) in message and repr(field) in message and "\n" not in message
+
+
+def test_speed_target_keeps_the_fastest_measured_lossless_setting(monkeypatch, capsys, profiles, smollm2):
+    """`calibrate --target speed`: the saved (tau, drafts) is the grid's fastest measurement, a
+    lossless generation then uses it (and its tau comes "from the profile"), and the river's own
+    calibrated tau is untouched."""
+    from riverllm import calibrate as calibration
+
+    monkeypatch.setattr(smollm2, "profile_tau", {4: 0.93})
+    monkeypatch.setattr(smollm2, "profile_lossless", {})
+    monkeypatch.setattr(calibration, "SPEED_TAUS", (0.85, 0.95))
+    monkeypatch.setattr(calibration, "SPEED_DRAFTS", (2, 3))
+    monkeypatch.setattr(calibration, "SPEED_PROMPTS", 1)
+    monkeypatch.setattr(calibration, "SPEED_NEW_TOKENS", 6)
+    monkeypatch.setattr("riverllm.cli.load_lm", lambda *args, **kwargs: smollm2)
+    code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--target", "speed")
+    assert code == 0, err
+    entries = json.loads(profile_store.profile_path("smollm2-135m").read_text())["entries"]
+    saved = entries["lossless-4bit-g64"]
+    assert len(saved["grid"]) == 4
+    best = max(saved["grid"], key=lambda g: g["tokens_per_s"])
+    assert (saved["tau"], saved["draft_tokens"]) == (best["tau"], best["draft_tokens"])
+    assert f"tau {saved['tau']:g}, up to {saved['draft_tokens']} drafts" in out
+    assert profile_store.load_profile_taus("smollm2-135m", 64) == {}  # no river entry was written
+    assert smollm2.default_tau(4) == 0.93 and smollm2.default_tau(4, lossless=True) == saved["tau"]
+    result = smollm2.generate("Hello", method="lossless", max_new_tokens=4)
+    assert (result.tau, result.tau_source) == (saved["tau"], "profile")
+    assert smollm2.default_draft_tokens(4) == saved["draft_tokens"]
+
+
+def test_speed_target_takes_no_fidelity_flags(monkeypatch, capsys, profiles):
+    monkeypatch.setattr("riverllm.cli.load_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for args in (["--target", "speed", "--target-agree", "0.9"], ["--target", "fast"]):
+        code, out, err = run_cli(monkeypatch, capsys, "calibrate", *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err

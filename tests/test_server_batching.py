@@ -36,6 +36,8 @@ REQUESTS = [
     ("chat", "Write a haiku about rain.", dict(max_tokens=24, temperature=0.7, seed=3,
                                              extra_body={"method": "river:0.8", "top_k": 40})),
     ("completion", "The capital of France is", dict(max_tokens=10, temperature=0, extra_body={"method": "mask:0.9"})),
+    ("completion", "Rivers flow to the", dict(max_tokens=16, temperature=0, extra_body={"method": "lossless:0.9"})),
+    ("chat", "Tell me a joke.", dict(max_tokens=14, temperature=0.8, seed=5, extra_body={"method": "lossless"})),
 ]
 
 

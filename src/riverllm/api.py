@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from riverllm.chat_tokens import encode_chat
-from riverllm.engine import GenerationResult, RiverEngine, SamplingConfig, decode
+from riverllm.engine import DraftConfig, DraftStats, GenerationResult, RiverEngine, SamplingConfig, decode, decode_lossless
 from riverllm.errors import RiverError
 from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
-from riverllm.river import QuantConfig, build_river
+from riverllm.river import HEAD_BITS, QuantConfig, build_river, low_bit_head
 from riverllm.textstream import TextStream
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -40,12 +40,20 @@ class StreamEvent:
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_DRAFT_TOKENS = 16
+# Drafts per backbone pass when no profile says otherwise. On a CPU, verifying 1-3 tokens costs one
+# dense step but 4 or more cost ~1.8 (fp32 GEMM switches kernels at 4 rows), so 2 drafts are the
+# sweet spot there (docs/lossless.md); a GPU verifies a few more tokens for almost nothing.
+DEFAULT_DRAFT_TOKENS = {"cpu": 2, "cuda": 4}
+DEFAULT_DRAFT_HEAD_BITS = 4
 MAX_SEED = 2**63 - 1
 
 
 def check_generation_options(method: str | Method = "river", tau: float | None = None, max_new_tokens: int = 128,
                              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                             bits: int | None = None, seed: int | None = None, **_ignored) -> Method:
+                             bits: int | None = None, seed: int | None = None, head_bits: int | None = None,
+                             draft_tokens: int | None = None, draft_confidence: float | None = None,
+                             **_ignored) -> Method:
     """Validate what can be validated without a model (so that a typo fails before a slow load)."""
     method = Method.parse(method, bits) if isinstance(method, str) else method
     if tau is not None:
@@ -61,6 +69,16 @@ def check_generation_options(method: str | Method = "river", tau: float | None =
                          f"{MAX_TEMPERATURE:g}, 0 < top-p <= 1, top-k >= 0; got {temperature:g}, {top_p:g}, {top_k}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise RiverError(f"the seed must be between 0 and {MAX_SEED} (torch's generator range), got {seed}")
+    if head_bits is not None and head_bits not in HEAD_BITS:
+        raise RiverError(f"the low-bit LM head supports {', '.join(map(str, HEAD_BITS))} bits, got {head_bits}")
+    if head_bits is not None and not (method.needs_river or method.kind == "dense"):
+        raise RiverError(f"a low-bit LM head applies to dense, w, river and lossless methods, not '{method.name}'")
+    if (draft_tokens is not None or draft_confidence is not None) and method.kind != "lossless":
+        raise RiverError(f"draft settings apply to the lossless method only, not '{method.name}'")
+    if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise RiverError(f"draft tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {draft_tokens}")
+    if draft_confidence is not None and not 0 <= draft_confidence < 1:
+        raise RiverError(f"the draft confidence must be in [0, 1), got {draft_confidence:g}")
     return method
 
 
@@ -73,8 +91,10 @@ class RiverLM:
         self.quant = quant
         self.progress = progress
         self._rivers: dict[QuantConfig, nn.ModuleList] = {}
+        self._heads: dict[int, nn.Module] = {}
         self.model_type = getattr(model.config, "model_type", "")
         self.profile_tau: dict[int, float] = {}  # bits -> calibrated tau (from `riverllm calibrate`)
+        self.profile_lossless: dict[int, tuple[float, int]] = {}  # bits -> (tau, drafts) (`--target speed`)
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
@@ -90,9 +110,10 @@ class RiverLM:
         return lm
 
     def _load_profile(self) -> None:
-        from riverllm.profiles import load_profile_taus
+        from riverllm.profiles import load_lossless_profile, load_profile_taus
 
         self.profile_tau = load_profile_taus(self.name, self.quant.group_size)
+        self.profile_lossless = load_lossless_profile(self.name, self.quant.group_size)
 
     # --- model facts ----------------------------------------------------------------------------
 
@@ -104,8 +125,10 @@ class RiverLM:
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
-    def default_tau(self, bits: int | None = None) -> float:
+    def default_tau(self, bits: int | None = None, lossless: bool = False) -> float:
         bits = bits or self.quant.bits
+        if lossless and bits in self.profile_lossless:
+            return self.profile_lossless[bits][0]
         if bits in self.profile_tau:
             return self.profile_tau[bits]
         return DEFAULT_TAU.get(self.model_type, FALLBACK_TAU)
@@ -117,7 +140,14 @@ class RiverLM:
             return None, ""
         if tau is not None or method.tau is not None:
             return (tau if tau is not None else method.tau), "request"
-        return self.default_tau(method.bits), "profile" if method.bits in self.profile_tau else "default"
+        lossless = method.kind == "lossless"
+        profiled = method.bits in (self.profile_lossless if lossless else self.profile_tau)
+        return self.default_tau(method.bits, lossless), "profile" if profiled else "default"
+
+    def default_draft_tokens(self, bits: int) -> int:
+        if bits in self.profile_lossless:
+            return self.profile_lossless[bits][1]
+        return DEFAULT_DRAFT_TOKENS.get(self.engine.device.type, DEFAULT_DRAFT_TOKENS["cuda"])
 
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: set[int] = set()
@@ -135,6 +165,12 @@ class RiverLM:
             self._rivers[config] = build_river(self.engine.layers, config, progress=self.progress,
                                                cache_dir=self.river_cache_dir)
         return self._rivers[config]
+
+    def low_bit_head(self, bits: int) -> nn.Module:
+        """A low-bit copy of the LM head (`river.low_bit_head`), built on first use and kept."""
+        if bits not in self._heads:
+            self._heads[bits] = low_bit_head(self.engine.lm_head, bits, self.quant.group_size)
+        return self._heads[bits]
 
     def free_backbone(self, keep_layers: int) -> None:
         """Drop backbone layers beyond `keep_layers` from memory; tokens then exit there at the latest.
@@ -187,7 +223,8 @@ class RiverLM:
             max_backbone_layers = min(limit, max_backbone_layers if max_backbone_layers is not None else limit)
             if method.kind == "dense":
                 raise RiverError(f"dense needs all {self.num_layers} backbone layers, but only {limit} are in memory")
-        policy = method.policy(self.default_tau(method.bits), min_exit_layer, max_backbone_layers, exit_rule)
+        policy = method.policy(self.default_tau(method.bits, method.kind == "lossless"), min_exit_layer,
+                               max_backbone_layers, exit_rule)
         river = self.river(method.bits) if method.needs_river else None
         return method, policy, river
 
@@ -203,16 +240,23 @@ class RiverLM:
                      seed: int | None = None, stop: Sequence[str] | None = None, raw: bool = False,
                      bits: int | None = None, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
                      ignore_eos: bool = False, use_cuda_graphs: bool | None = None,
-                     exit_rule: str = "per-row") -> Iterator[tuple[int, StreamEvent]]:
+                     exit_rule: str = "per-row", head_bits: int | None = None, draft_tokens: int | None = None,
+                     draft_confidence: float | None = None) -> Iterator[tuple[int, StreamEvent]]:
         """The one generation loop behind `generate`, `generate_batch` and `stream`:
         yields (row, event) as tokens arrive; each row's last event carries its result.
 
         Rows decode as one batch with per-row exits (exit_rule="per-row"), so each row's answer is
         the one it gets alone; `seed` seeds every row's own generator. use_cuda_graphs: None picks
-        the CUDA-graph runner on a GPU and the eager engine elsewhere."""
+        the CUDA-graph runner on a GPU and the eager engine elsewhere.
+
+        head_bits: read the LM head as a low-bit copy (lossy; off by default, except for the
+        lossless method's drafts, which default to 4 bits since verification makes them safe).
+        draft_tokens / draft_confidence: the lossless method's drafts per cycle and the top-1
+        probability below which a row stops drafting (engine/lossless.py)."""
         if not prompts:
             raise RiverError("no prompts given")
-        check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits, seed)
+        check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits, seed, head_bits,
+                                 draft_tokens, draft_confidence)
         method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers, exit_rule)
         used_tau, tau_source = self.tau_used(method, tau)
         prompt_ids = [self.encode(p, raw) for p in prompts]
@@ -233,14 +277,23 @@ class RiverLM:
             pushed[row] = streams[row].push(generated[-1])
             return streams[row].stopped
 
-        for event in decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, check,
-                            use_cuda_graphs=graphs):
+        lossless = method.kind == "lossless"
+        if lossless:
+            head_bits = DEFAULT_DRAFT_HEAD_BITS if head_bits is None else head_bits
+            drafting = DraftConfig(draft_tokens or self.default_draft_tokens(method.bits), draft_confidence or 0.0)
+            draft_stats = [DraftStats() for _ in prompts]
+            events = decode_lossless(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, check,
+                                     drafting, self.low_bit_head(head_bits) if head_bits else None, draft_stats)
+        else:
+            events = decode(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, check,
+                            use_cuda_graphs=graphs, lm_head=self.low_bit_head(head_bits) if head_bits else None)
+        for event in events:
             for row, token in enumerate(event.tokens):
-                if done[row]:
+                if done[row] or (event.present is not None and not event.present[row]):
                     continue
                 ids[row].append(token)
                 exit_layers[row].append(event.exit_layers[row])
-                times[row].append(event.seconds)
+                times[row].append(event.seconds if event.row_seconds is None else event.row_seconds[row])
                 delta = pushed.pop(row, "")
                 result = None
                 if event.finished[row] or len(ids[row]) >= budget:
@@ -253,6 +306,7 @@ class RiverLM:
                         finish_reason="stop" if (hit_eos or streams[row].stopped) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
                         tau=used_tau, tau_source=tau_source,
+                        extra={"drafting": draft_stats[row].to_dict()} if lossless else {},
                     )
                 yield row, StreamEvent(delta, token, event.exit_layers[row], result)
 

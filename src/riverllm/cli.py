@@ -44,7 +44,7 @@ def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
     model: str = ModelOption,
-    method: str = typer.Option("river", help="dense | w4 | river (also w3, river3, river:0.9 ...)"),
+    method: str = typer.Option("river", help="dense | w4 | river | lossless (also w3, river3, river:0.9, lossless:0.9 ...)"),
     tau: Optional[float] = typer.Option(None, help="exit threshold on cos(h_{l-1}, h_l); default per model"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 is greedy"),
@@ -61,16 +61,22 @@ def generate(
     min_exit_layer: int = typer.Option(1, "--min-exit-layer", help="exits allowed only after deeper layers"),
     max_backbone_layers: Optional[int] = typer.Option(None, "--max-backbone-layers",
                                                       help="force the exit here at the latest"),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="read the LM head as a low-bit (4) copy: "
+                                            "faster, lossy; off by default (lossless drafts use it unless set)"),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="lossless: drafts per backbone pass "
+                                               "at most (default 4)"),
+    draft_confidence: Optional[float] = typer.Option(None, "--draft-confidence", help="lossless: stop drafting "
+                                                     "when the draft's top-1 probability is below this (default 0)"),
     device: Optional[str] = DeviceOption,
 ) -> None:
-    """Generate text with River-LLM (or the dense / w4 baselines)."""
+    """Generate text with River-LLM (or the dense / w4 baselines, or exactly dense's output with lossless)."""
     from riverllm.api import check_generation_options
     from riverllm.river import QuantConfig
 
     options = dict(method=method, tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, seed=seed, stop=[unescape(s) for s in stop], raw=raw, bits=bits,
-                   min_exit_layer=min_exit_layer,
-                   max_backbone_layers=max_backbone_layers)
+                   min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers, head_bits=head_bits,
+                   draft_tokens=draft_tokens, draft_confidence=draft_confidence)
     check_generation_options(**options)  # fail on a typo before the slow load
     QuantConfig(bits, group_size)
     if not prompt.strip():
@@ -92,7 +98,7 @@ def generate(
 @app.command()
 def chat(
     model: str = ModelOption,
-    method: str = typer.Option("river", help="dense | w4 | river (also w3, river3, river:0.9 ...)"),
+    method: str = typer.Option("river", help="dense | w4 | river | lossless (also w3, river3, river:0.9, lossless:0.9 ...)"),
     tau: Optional[float] = typer.Option(None, help="exit threshold on cos(h_{l-1}, h_l); default per model"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="tokens per reply at most"),
     temperature: float = typer.Option(0.0, help="0 is greedy"),
@@ -309,8 +315,15 @@ def bench(
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="with --model: batched throughput at these "
                                               "batch sizes (e.g. 1,4,8,16) and a batch-invariance check, instead "
                                               "of the batch-1 comparison"),
-    methods: str = typer.Option("dense,w4,river:0.9,river:0.9@batch-min", "--methods",
-                                help="with --batch-sizes: methods; @batch-min: the paper's batch exit rule"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="with --batch-sizes: methods (default dense,w4,"
+                                          "river:0.9,river:0.9@batch-min; @batch-min: the paper's batch exit rule); "
+                                          "with --exact: methods (default dense,river:0.9,lossless:0.9,hf,hf-lookup; "
+                                          "also hf-assisted:MODEL)"),
+    exact: bool = typer.Option(False, "--exact", help="with --model: exact decoding side by side (dense, lossless, "
+                               "transformers' generate, prompt lookup, assisted generation) on HumanEval and GSM8K "
+                               "prompts, with tokens compared to dense; resumes in --out"),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="with --exact: lossless drafts per "
+                                               "backbone pass at most"),
     check_tokens: int = typer.Option(128, "--check-tokens", help="with --batch-sizes: tokens of the invariance "
                                      "check (0: skip it)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)"),
@@ -319,6 +332,25 @@ def bench(
     from riverllm.bench import BenchSettings, run_bench, write_outputs
 
     command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
+    if exact:
+        from riverllm.bench.exact import ExactBenchSettings, exact_markdown, run_exact_bench
+        from riverllm.files import write_text_atomic
+
+        if not model:
+            fail("--exact needs --model (a real model: acceptance depends on real weights)")
+        exact_settings = ExactBenchSettings(
+            model=model, methods=tuple(m.strip() for m in (methods or "dense,river:0.9,lossless:0.9,hf,hf-lookup")
+                                       .split(",") if m.strip()),
+            tasks=("humaneval", "gsm8k") if prompts == "random" else tuple(t.strip() for t in prompts.split(",")),
+            num_prompts=num_prompts, new_tokens=new_tokens or 256, threads=threads, draft_tokens=draft_tokens)
+        exact_settings.check()
+        results = run_exact_bench(exact_settings, out)
+        write_text_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
+        text = exact_markdown(results, command)
+        write_text_atomic(out / "bench.md", text)
+        typer.echo(text)
+        typer.echo(f"written: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'samples.jsonl'}", err=True)
+        return
     if batch_sizes is not None:
         from riverllm.bench.batch import BatchBenchSettings, batch_markdown, run_batch_bench
         from riverllm.files import write_text_atomic
@@ -330,7 +362,9 @@ def bench(
         except ValueError:
             fail(f"--batch-sizes takes comma-separated integers, e.g. 1,4,8,16; got '{batch_sizes}'")
         batch_settings = BatchBenchSettings(
-            model=model, batch_sizes=sizes, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            model=model, batch_sizes=sizes,
+            methods=tuple(m.strip() for m in (methods or "dense,w4,river:0.9,river:0.9@batch-min").split(",")
+                          if m.strip()),
             prompts=prompts if prompts != "random" else "gsm8k", num_prompts=max(num_prompts, max(sizes or (1,))),
             new_tokens=new_tokens or 32, check_tokens=check_tokens, threads=threads)
         batch_settings.check()
@@ -365,6 +399,9 @@ def calibrate_command(
                                                  "greedy token equals dense's, in (0, 1], e.g. 0.9"),
     target_kl: Optional[float] = typer.Option(None, "--target-kl", help="largest mean KL(dense || river) in "
                                               "nats, > 0, e.g. 0.05"),
+    target_speed: Optional[str] = typer.Option(None, "--target", help="speed: instead of a fidelity target, time "
+                                               "lossless decoding over a grid of tau and draft lengths on held-out "
+                                               "text and keep the fastest (`--method lossless` then uses it)"),
     text: Optional[Path] = typer.Option(None, "--text", help="calibration text file (default: held-out Brown "
                                         "corpus windows, disjoint from what `riverllm eval` reads)"),
     tokens: int = typer.Option(256, "--tokens", help="positions scored (more: a steadier tau, a slower run)"),
@@ -373,9 +410,25 @@ def calibrate_command(
     as_json: bool = typer.Option(False, "--json", help="print the profile entry as JSON"),
     device: Optional[str] = DeviceOption,
 ) -> None:
-    """Find the lowest tau that meets a fidelity target and save it as this model's default."""
+    """Find the lowest tau that meets a fidelity target (or, with --target speed, lossless decoding's fastest
+    tau and draft length) and save it as this model's default."""
     from riverllm.calibrate import Target, calibrate_and_save, read_text_file, summary_lines
 
+    if target_speed is not None and target_speed != "speed":
+        fail(f"--target takes 'speed' (lossless decoding's fastest tau and draft length), got '{target_speed}'")
+    if target_speed:
+        if target_agree is not None or target_kl is not None or text is not None:
+            fail("--target speed times lossless decoding; it takes no --target-agree, --target-kl or --text")
+        from riverllm.calibrate import calibrate_speed_and_save, speed_summary_lines
+
+        lm = load_lm(model, device, bits, group_size, quiet=as_json)
+        result, path = calibrate_speed_and_save(lm, progress=not as_json)
+        if as_json:
+            typer.echo(json.dumps({"model": model, "profile": str(path), **result.profile_entry()}))
+            return
+        for line in speed_summary_lines(result, path):
+            typer.echo(line)
+        return
     target = Target.from_options(target_agree, target_kl)  # bad flags fail before the slow load
     if text is not None:
         read_text_file(text)

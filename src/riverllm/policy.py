@@ -8,8 +8,10 @@ the minimum of their similarities: the group exits only when its least settled t
 
 A `Method` names a whole decoding recipe as users write it on the command line:
 `dense` (backbone only), `w4` (every layer as its 4-bit twin), `river` / `river:0.9` /
-`river3:0.95` (River-LLM with the river's bit width and tau), and the prior ways of filling the
-KV hole that an exited token leaves (SPEC.md section 1), each reading the LM head at the exit layer:
+`river3:0.95` (River-LLM with the river's bit width and tau), `lossless` / `lossless:0.9` (River
+drafts, the full-precision backbone verifies: dense's output; engine/lossless.py), and the prior
+ways of filling the KV hole that an exited token leaves (SPEC.md section 1), each reading the LM
+head at the exit layer:
 `recompute:TAU` (EE-LLM), `propagate:TAU` (CALM), `mask:TAU` (D-LLM), `monotonic:START-END[@N]`
 (SkipDecode: generated token t runs a depth falling linearly from START to END layers over N
 tokens, 256 by default; the prompt runs full depth).
@@ -106,7 +108,7 @@ class ExitPolicy:
 EXIT_RULES = ("per-row", "batch-min")
 
 
-_METHOD = re.compile(r"^(?P<kind>dense|w|river|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
+_METHOD = re.compile(r"^(?P<kind>dense|w|river|lossless|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
 _MONOTONIC = re.compile(r"^monotonic:(?P<start>\d+)-(?P<end>\d+)(?:@(?P<ramp>\d+))?$")
 _STATIC = re.compile(r"^river(?P<bits>\d+)?@(?P<depth>\d+)$")
 PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
@@ -116,7 +118,7 @@ PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 class Method:
     """A decoding recipe: `dense`, `w<bits>`, or `river[<bits>][:tau]`."""
 
-    kind: str  # dense | w | river | static | recompute | propagate | mask | monotonic
+    kind: str  # dense | w | river | lossless | static | recompute | propagate | mask | monotonic
     bits: int = 4
     tau: float | None = None  # exit threshold; None means the model's default
     schedule: tuple[int, int, int] | None = None  # monotonic only
@@ -126,7 +128,7 @@ class Method:
 
     @property
     def uses_tau(self) -> bool:
-        return self.kind in ("river",) + PRIOR_STRATEGIES
+        return self.kind in ("river", "lossless") + PRIOR_STRATEGIES
 
     @classmethod
     def parse(cls, text: str, bits: int | None = None) -> "Method":
@@ -139,12 +141,12 @@ class Method:
         if static := _STATIC.match(text):
             return cls("static", int(static["bits"]) if static["bits"] else (bits or 4), depth=int(static["depth"]))
         match = _METHOD.match(text)
-        takes_bits = match and match["kind"] in ("w", "river")
+        takes_bits = match and match["kind"] in ("w", "river", "lossless")
         if (not match or (match["kind"] == "w" and not match["bits"]) or (match["bits"] and not takes_bits)
                 or (match["kind"] in ("dense", "w") and match["tau"])):
             raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river[:TAU], river3:TAU, "
-                             "river@K (fixed exit layer), recompute:TAU, propagate:TAU, mask:TAU or "
-                             "monotonic:START-END")
+                             "river@K (fixed exit layer), lossless[:TAU] (exact: River drafts, the backbone "
+                             "verifies), recompute:TAU, propagate:TAU, mask:TAU or monotonic:START-END")
         kind = match["kind"]
         method_bits = int(match["bits"]) if match["bits"] else (bits or 4)
         tau = check_tau(float(match["tau"])) if match["tau"] else None
@@ -161,12 +163,12 @@ class Method:
             return f"monotonic:{start}-{end}" + ("" if ramp == 256 else f"@{ramp}")
         if self.kind == "static":
             return f"river{'' if self.bits == 4 else self.bits}@{self.depth}"
-        bits = "" if self.bits == 4 or self.kind != "river" else str(self.bits)
+        bits = "" if self.bits == 4 or self.kind not in ("river", "lossless") else str(self.bits)
         return f"{self.kind}{bits}" + ("" if self.tau is None else f":{self.tau:g}")
 
     @property
     def needs_river(self) -> bool:
-        return self.kind in ("w", "river", "static")
+        return self.kind in ("w", "river", "static", "lossless")
 
     def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
                exit_rule: str = "per-row") -> ExitPolicy:
@@ -179,7 +181,8 @@ class Method:
         if self.kind == "static":
             return ExitPolicy(force_exit_layer=self.depth)
         tau = default_tau if self.tau is None else self.tau
-        strategy = "river" if self.kind == "river" else self.kind
+        # lossless: this is the drafts' policy (the backbone verifies every token in full)
+        strategy = "river" if self.kind in ("river", "lossless") else self.kind
         return ExitPolicy(tau=tau, min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers,
                           kv_strategy=strategy, exit_rule=exit_rule)
 

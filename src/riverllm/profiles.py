@@ -37,8 +37,9 @@ def profile_path(model: str) -> Path:
     return profiles_dir() / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") + ".json")
 
 
-def entry_key(bits: int, group_size: int) -> str:
-    return f"{bits}bit-g{group_size}"
+def entry_key(bits: int, group_size: int, kind: str = "river") -> str:
+    """River entries are "4bit-g64"; lossless (speed-calibrated) ones "lossless-4bit-g64"."""
+    return f"{bits}bit-g{group_size}" if kind == "river" else f"{kind}-{bits}bit-g{group_size}"
 
 
 # What every entry must hold for a load to use it (calibrate writes more, for people to read).
@@ -70,16 +71,27 @@ def load_profile_taus(model: str, group_size: int) -> dict[int, float]:
     """{bits: tau} calibrated for this model at this group size (RiverLM.load reads it)."""
     taus = {}
     for entry in read_profile(model).get("entries", {}).values():
-        if entry.get("group_size") == group_size and isinstance(entry.get("tau"), (int, float)):
+        if entry.get("kind", "river") == "river" and entry.get("group_size") == group_size:
             taus[int(entry["bits"])] = float(entry["tau"])
     return taus
 
 
+def load_lossless_profile(model: str, group_size: int) -> dict[int, tuple[float, int]]:
+    """{bits: (tau, draft tokens)} that `riverllm calibrate --target speed` measured fastest."""
+    found = {}
+    for entry in read_profile(model).get("entries", {}).values():
+        if entry.get("kind") == "lossless" and entry.get("group_size") == group_size:
+            drafts = entry.get("draft_tokens")
+            if isinstance(drafts, int) and not isinstance(drafts, bool) and drafts >= 1:
+                found[int(entry["bits"])] = (float(entry["tau"]), drafts)
+    return found
+
+
 def write_profile_entry(model: str, entry: dict) -> Path:
-    """Add or replace the entry for entry["bits"], entry["group_size"]; atomically."""
+    """Add or replace the entry for entry["bits"], entry["group_size"] (and entry["kind"]); atomically."""
     path = profile_path(model)
     profile = read_profile(model) or {"format": PROFILE_FORMAT, "model": model, "entries": {}}
-    profile["entries"][entry_key(entry["bits"], entry["group_size"])] = entry
+    profile["entries"][entry_key(entry["bits"], entry["group_size"], entry.get("kind", "river"))] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(profile, indent=2) + "\n")
     return path

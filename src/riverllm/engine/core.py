@@ -160,7 +160,15 @@ class RiverEngine:
         """Slots, masks and rotary embeddings of a step (once per step, shared by all blocks)."""
         n, new = hidden.shape[:2]
         row_list = list(range(n)) if rows is None else list(rows)
-        starts = [cache.lengths[r] for r in row_list]
+        # A cache row listed m times feeds m consecutive tokens, one per listing (each listing its
+        # own batch row): lossless decoding verifies a block of drafts so, every token through the
+        # very kernels it runs when decoded alone (engine/lossless.py).
+        starts, taken = [], {}
+        for r in row_list:
+            starts.append(cache.lengths[r] + taken.get(r, 0))
+            taken[r] = taken.get(r, 0) + new
+        if new > 1 and len(taken) < len(row_list):
+            raise ValueError("a cache row may be listed more than once only for one token per listing")
         visible = max(starts) + new
         if visible > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} slots per row; this step needs {visible}")
@@ -214,11 +222,13 @@ class RiverEngine:
         deciding: list[bool] | None = None,
         all_logits: bool = False,
         record_similarities: bool = False,
+        lm_head: nn.Module | None = None,
     ) -> StepOutput:
         """Run `input_ids` [n, new] for cache rows `rows` (None: all rows, n == cache.rows), each
         row's tokens at its next slots; then advance the rows' lengths by `counts` (real tokens per
         row; default new). deciding[r] False: row r (finished, kept only for its shape) does not
-        hold the batch back under the batch-min rule."""
+        hold the batch back under the batch-min rule. lm_head: a replacement for the model's LM
+        head (a low-bit copy: `river.head.low_bit_head`)."""
         n, new = input_ids.shape
         strategy = policy.kv_strategy
         prior = strategy != "river"
@@ -275,11 +285,12 @@ class RiverEngine:
                 cache.pending.append(PendingTokens(ctx.slots, exit_hidden, depth[0]))
         for r, row in enumerate(ctx.row_list):
             cache.lengths[row] += ctx.counts[r]
-        logits = self.final_logits(exit_hidden if prior else hidden, ctx, all_logits)
+        logits = self.final_logits(exit_hidden if prior else hidden, ctx, all_logits, lm_head)
         return StepOutput(logits, depth, similarities)
 
     def prefill(self, prompts: list[list[int]], cache: KVCache, policy: ExitPolicy,
-                river: nn.ModuleList | None = None, rows: list[int] | None = None) -> StepOutput:
+                river: nn.ModuleList | None = None, rows: list[int] | None = None,
+                lm_head: nn.Module | None = None) -> StepOutput:
         """Each prompt into its own cache row (rows[i], default i), one prompt per forward.
 
         One at a time on purpose: a prompt then runs exactly the kernels it runs alone (batched,
@@ -287,7 +298,8 @@ class RiverEngine:
         which an exit threshold or a bf16 cast can turn into another token). Prefill is paid once
         per request; the decoding steps are where batching pays."""
         rows = list(range(len(prompts))) if rows is None else rows
-        outputs = [self.forward(torch.tensor([prompt], device=self.device), cache, policy, river, rows=[row])
+        outputs = [self.forward(torch.tensor([prompt], device=self.device), cache, policy, river, rows=[row],
+                                lm_head=lm_head)
                    for prompt, row in zip(prompts, rows)]
         return StepOutput(torch.cat([o.logits for o in outputs]), [o.exit_layers[0] for o in outputs])
 
@@ -302,15 +314,16 @@ class RiverEngine:
         """s_l of every token: the cosine of block `index`'s input and output, in fp32."""
         return F.cosine_similarity(before.float(), after.float(), dim=-1)
 
-    def final_logits(self, final: torch.Tensor, ctx: StepContext, all_logits: bool) -> torch.Tensor:
+    def final_logits(self, final: torch.Tensor, ctx: StepContext, all_logits: bool,
+                     lm_head: nn.Module | None = None) -> torch.Tensor:
         """Logits at each row's last real token [n, vocab], or at every token [n, new, vocab]."""
         if all_logits:
-            return self.head(final)
+            return self.head(final, lm_head)
         n = final.shape[0]
         if any(c != final.shape[1] for c in ctx.counts):
             last = torch.tensor([c - 1 for c in ctx.counts], device=final.device)
-            return self.head(final[torch.arange(n, device=final.device), last][:, None])[:, 0]
-        return self.head(final[:, -1:])[:, 0]
+            return self.head(final[torch.arange(n, device=final.device), last][:, None], lm_head)[:, 0]
+        return self.head(final[:, -1:], lm_head)[:, 0]
 
     @staticmethod
     def split(in_backbone: list[int], n: int, device: torch.device) -> RowSplit:
@@ -364,9 +377,9 @@ class RiverEngine:
                 attn[group.positions] = block.attend(q[group.positions], keys, values, mask, False)
         return block.finish(hidden, attn, split, backbone, twin)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """Final norm + LM head (+ Gemma's soft-cap) of any hidden states."""
-        logits = stable_rows(self.lm_head, self.norm(hidden))
+        logits = stable_rows(lm_head or self.lm_head, self.norm(hidden))
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from riverllm.engine.block import ALL_BACKBONE, ALL_TWIN, Projections, RowSplit
 from riverllm.engine.cache import KVCache
@@ -142,9 +143,10 @@ class GraphRunner(RiverEngine):
         self.similarity_reads += 1
         return self.cosine[index]
 
-    def final_logits(self, final: torch.Tensor, ctx: StepContext, all_logits: bool) -> torch.Tensor:
-        if not self.static or all_logits:
-            return super().final_logits(final, ctx, all_logits)
+    def final_logits(self, final: torch.Tensor, ctx: StepContext, all_logits: bool,
+                     lm_head: nn.Module | None = None) -> torch.Tensor:
+        if not self.static or all_logits or lm_head is not None:  # a replacement head runs eagerly
+            return super().final_logits(final, ctx, all_logits, lm_head)
         self._run(("head",), lambda: self.logits.copy_(self.head(self.hidden)[:, -1]))
         return self.logits.clone()
 

@@ -52,6 +52,11 @@ class StepEvent:
     exit_layers: list[int]  # one per row: backbone layers its token ran
     seconds: float
     finished: list[bool]  # rows done after this token (EOS or a stop check)
+    # Lossless decoding emits a block of tokens per row and cycle, of different lengths per row:
+    # present[r] False means row r has no token in this event; row_seconds[r] is row r's time per
+    # token in this cycle. None: every unfinished row has a token, each taking `seconds`.
+    present: list[bool] | None = None
+    row_seconds: list[float] | None = None
 
     @property
     def exit_layer(self) -> int:
@@ -90,13 +95,15 @@ def decode(
     pad_token_id: int = 0,
     stop_check: Callable[[int, list[int]], bool] | None = None,
     use_cuda_graphs: bool = False,
+    lm_head: nn.Module | None = None,
 ) -> Iterator[StepEvent]:
     """Generate up to `max_new_tokens` for each prompt (token-id lists), as one batch.
 
     sampling: one config for every row, or one per row. stop_check(row, generated_ids) -> True
     ends that row (stop strings live above this loop). use_cuda_graphs: decode through
     `cuda_graphs.GraphRunner` (replayed CUDA graphs on a GPU; off CUDA the same static-buffer
-    steps run eagerly, which is how CPU tests check them).
+    steps run eagerly, which is how CPU tests check them). lm_head: a low-bit LM head in place of
+    the model's (`river.low_bit_head`).
     """
     device = engine.device
     batch = len(prompts)
@@ -123,7 +130,7 @@ def decode(
     exit_layers = [0] * batch
 
     start = time.perf_counter()
-    output = prefill(prompts, cache, policy, river)
+    output = prefill(prompts, cache, policy, river, lm_head=lm_head)
     rows = list(range(batch))  # the rows the last step ran
     for step in range(max_new_tokens):
         sampled = torch.stack([samplers[row](output.logits[i]) for i, row in enumerate(rows)]).tolist()
@@ -142,11 +149,13 @@ def decode(
         start = time.perf_counter()
         if ride_along:
             next_ids = torch.tensor(tokens, device=device)[:, None]
-            output = forward(next_ids, cache, policy, river, deciding=[not done for done in finished])
+            output = forward(next_ids, cache, policy, river, deciding=[not done for done in finished],
+                             lm_head=lm_head)
         else:
             rows = [row for row in range(batch) if not finished[row]]
             next_ids = torch.tensor([tokens[row] for row in rows], device=device)[:, None]
-            output = forward(next_ids, cache, policy, river, rows=None if len(rows) == batch else rows)
+            output = forward(next_ids, cache, policy, river, rows=None if len(rows) == batch else rows,
+                             lm_head=lm_head)
 
 
 @dataclass
@@ -185,6 +194,12 @@ class GenerationResult:
 
     def summary(self) -> str:
         tau = "" if self.tau is None else f" (tau {self.tau:g} from the {self.tau_source})"
+        drafting = self.extra.get("drafting")
+        if drafting:  # lossless: every token is the backbone's; what matters is how drafts fared
+            return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, exact: "
+                    f"{100 * drafting['acceptance_rate']:.0f}% of drafts accepted, "
+                    f"{drafting['tokens_per_verify']:.2f} tokens per backbone pass, drafts left at layer "
+                    f"{drafting['mean_draft_exit_layer']:.1f}/{self.num_layers}")
         return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, "
                 f"mean exit layer {self.mean_exit_layer:.1f}/{self.num_layers}, "
                 f"{100 * self.full_precision_share:.0f}% of layers at full precision")

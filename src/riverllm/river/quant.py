@@ -31,9 +31,10 @@ class QuantLinear(nn.Module):
     """A drop-in replacement for `nn.Linear` holding HQQ-quantized weights."""
 
     def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 64, backend: str = "auto",
-                 quantized: tuple[torch.Tensor, dict] | None = None):
+                 quantized: tuple[torch.Tensor, dict] | None = None, optimize: bool = True):
         """`quantized`: HQQ's (codes, meta) for this weight from an earlier run (see build.py's
-        river cache); when given, the slow HQQ optimisation is skipped."""
+        river cache); when given, the slow HQQ optimisation is skipped. optimize=False: plain
+        round-to-nearest per group (instant; what the low-bit LM head uses)."""
         super().__init__()
         weight = linear.weight.detach()
         self.out_features, self.in_features = weight.shape
@@ -45,7 +46,7 @@ class QuantLinear(nn.Module):
         if quantized is None:
             # HQQ's optimizer runs in fp32 on the weight's own device: a few ms per matrix on a GPU.
             quantized = Quantizer.quantize(
-                weight.float(), nbits=bits, group_size=group_size, optimize=True, axis=1,
+                weight.float(), nbits=bits, group_size=group_size, optimize=optimize, axis=1,
                 compute_dtype=torch.float32, device=weight.device,
             )
         codes_packed, meta = quantized

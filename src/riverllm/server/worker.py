@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from riverllm.api import Prompt, RiverLM, StreamEvent
+from riverllm.api import DEFAULT_DRAFT_HEAD_BITS, Prompt, RiverLM, StreamEvent
 from riverllm.engine import GenerationResult
 from riverllm.engine.cache import KVCache
-from riverllm.engine.generate import Sampler, SamplingConfig
+from riverllm.engine.generate import Sampler, SamplingConfig, StepEvent
+from riverllm.engine.lossless import DraftConfig, LosslessDecoder
 from riverllm.errors import RiverError
 from riverllm.policy import ExitPolicy, Method
 from riverllm.server.kvpool import PagedKVCache
@@ -98,14 +99,39 @@ class Row:
         self.times: list[float] = []
         self.done = False
 
+        self.decoder: LosslessDecoder | None = None  # the lossless method's draft-verify cycles
+        if method.kind == "lossless":
+            drafting = DraftConfig(lm.default_draft_tokens(method.bits))
+            head = lm.low_bit_head(DEFAULT_DRAFT_HEAD_BITS)
+            self.decoder = LosslessDecoder(lm.engine, [prompt_ids], policy, river, self.budget,
+                                           self.sampler.sampling, eos, drafting=drafting, draft_head=head,
+                                           cache=cache, cache_rows=[cache_row])
+
     @property
     def group(self) -> tuple:
-        """Rows with the same group run in one forward call."""
+        """Rows with the same group run in one forward call (a lossless row runs its own cycles)."""
+        if self.decoder is not None:
+            return ("lossless", id(self))
         return id(self.cache), self.policy, id(self.river)
 
     def accept(self, logits: torch.Tensor, exit_layer: int, seconds: float) -> None:
         """Sample this row's next token from its logits [vocab] and send it to the client."""
-        token = int(self.sampler(logits))
+        self.take(int(self.sampler(logits)), exit_layer, seconds)
+
+    def take_events(self, events: list[StepEvent]) -> list[int]:
+        """A lossless start or cycle's tokens, up to the row's end; returns their exit layers."""
+        taken = []
+        for event in events:
+            if self.done:
+                break
+            if event.present is None or event.present[0]:
+                self.take(event.tokens[0], event.exit_layers[0], event.row_seconds[0] if event.row_seconds
+                          else event.seconds)
+                taken.append(event.exit_layers[0])
+        return taken
+
+    def take(self, token: int, exit_layer: int, seconds: float) -> None:
+        """Record this row's next token and send it to the client."""
         self.ids.append(token)
         self.exit_layers.append(exit_layer)
         self.times.append(seconds)
@@ -118,7 +144,8 @@ class Row:
             result = GenerationResult(
                 text=self.text.text, token_ids=self.ids, exit_layers=self.exit_layers, token_times=self.times,
                 finish_reason="stop" if (hit_eos or self.text.stopped) else "length",
-                prompt_tokens=len(self.prompt_ids), num_layers=self.lm.num_layers, method=self.method.name)
+                prompt_tokens=len(self.prompt_ids), num_layers=self.lm.num_layers, method=self.method.name,
+                extra={"drafting": self.decoder.stats[0].to_dict()} if self.decoder is not None else {})
         self.job.deliver(StreamEvent(delta, token, exit_layer, result))
 
 
@@ -269,8 +296,11 @@ class ModelWorker:
             return
         self._rows.append(row)
         try:
-            output = lm.engine.prefill([prompt_ids], cache, policy, river, rows=[cache_row])
-            self._accept(row, output.logits[0], output.exit_layers[0], time.perf_counter() - start)
+            if row.decoder is not None:
+                self._take(row, row.decoder.start())
+            else:
+                output = lm.engine.prefill([prompt_ids], cache, policy, river, rows=[cache_row])
+                self._accept(row, output.logits[0], output.exit_layers[0], time.perf_counter() - start)
         except Exception as error:
             self._fail([row], error)
         self.metrics.count_busy(time.perf_counter() - start)
@@ -285,6 +315,9 @@ class ModelWorker:
             group_start = time.perf_counter()
             try:
                 first = rows[0]
+                if first.decoder is not None:  # lossless: one draft-verify cycle
+                    self._take(first, first.decoder.cycle())
+                    continue
                 input_ids = torch.tensor([[row.ids[-1]] for row in rows], device=self.lm.engine.device)
                 output = self.lm.engine.forward(input_ids, first.cache, first.policy, first.river,
                                                 rows=[row.cache_row for row in rows])
@@ -298,6 +331,12 @@ class ModelWorker:
     def _accept(self, row: Row, logits: torch.Tensor, exit_layer: int, seconds: float) -> None:
         row.accept(logits, exit_layer, seconds)
         self.metrics.count_token(exit_layer)
+        if row.done:
+            self._finish(row, cancelled=False)
+
+    def _take(self, row: Row, events: list[StepEvent]) -> None:
+        for exit_layer in row.take_events(events):
+            self.metrics.count_token(exit_layer)
         if row.done:
             self._finish(row, cancelled=False)
 

@@ -1,0 +1,237 @@
+"""Lossless River (engine/lossless.py): River drafts, the backbone verifies, and the output is the
+dense model's.
+
+Greedy: token-identical to dense decoding on tiny models of every family and on the real
+SmolLM2, for drafts that are mostly accepted, mostly rejected, and in between; EOS and stop
+strings inside a draft block, blocks that cross max-new-tokens, prompts near the context limit,
+batches with per-row acceptance. The KV cache afterwards holds the backbone's K/V. Sampling: the
+acceptance rule reproduces the target distribution (a statistical test), end to end too."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import FAMILIES, MORE_FAMILIES, tiny_model
+from single_thread import one_thread  # noqa: F401  (rows of a batch are bit-stable with one thread)
+from riverllm.engine import DraftConfig, DraftStats, RiverEngine, SamplingConfig, decode, decode_lossless
+from riverllm.engine.lossless import Judge
+from riverllm.errors import RiverError
+from riverllm.policy import ExitPolicy
+from riverllm.river import QuantConfig, build_river, low_bit_head
+
+NEW_TOKENS = 20
+
+
+def prompts_of(lengths, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(8, 320, (n,), generator=generator).tolist() for n in lengths]
+
+
+def tokens_of(events, row: int = 0) -> list[int]:
+    out = []
+    for event in events:
+        if event.present is None or event.present[row]:
+            out.append(event.tokens[row])
+        if event.finished[row]:
+            break
+    return out
+
+
+def dense_tokens(engine, prompt, new_tokens=NEW_TOKENS, eos=()):
+    return tokens_of(decode(engine, [prompt], ExitPolicy(), None, new_tokens, eos_token_ids=eos))
+
+
+@pytest.fixture(scope="module", params=FAMILIES + MORE_FAMILIES)
+def family(request):
+    model = tiny_model(request.param)
+    engine = RiverEngine(model)
+    return engine, build_river(engine.layers, QuantConfig(bits=4, group_size=64))
+
+
+# Draft policies from "never agrees" to "often agrees": leave after layer 1 whatever happens,
+# leave on a low similarity, never leave (the draft is the backbone: every draft accepted).
+DRAFTS = {"shallow": ExitPolicy(force_exit_layer=1), "tau": ExitPolicy(tau=0.5), "deep": ExitPolicy()}
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("max_drafts", [1, 3, 6])
+def test_greedy_equals_dense(family, draft, max_drafts):
+    engine, river = family
+    for prompt in prompts_of((5, 17, 1), seed=3):
+        stats = [DraftStats()]
+        events = list(decode_lossless(engine, [prompt], DRAFTS[draft], river, NEW_TOKENS,
+                                      drafting=DraftConfig(max_drafts), stats=stats))
+        assert tokens_of(events) == dense_tokens(engine, prompt)
+        assert stats[0].verifies < NEW_TOKENS or max_drafts == 1 or draft == "shallow"
+        if draft == "deep":  # the draft is the backbone itself: all accepted
+            assert stats[0].accepted == stats[0].drafted > 0
+
+
+def test_eos_inside_a_block_and_blocks_crossing_the_budget(family):
+    engine, river = family
+    prompt = prompts_of((9,), seed=4)[0]
+    reference = dense_tokens(engine, prompt)
+    eos = reference[6]  # dense stops at its 7th token (or earlier, if the token came before)
+    expected = reference[:reference.index(eos) + 1]
+    for max_drafts in (2, 5):
+        for new_tokens in (1, 2, 7, 11):
+            events = list(decode_lossless(engine, [prompt], ExitPolicy(), river, new_tokens, eos_token_ids=(eos,),
+                                          drafting=DraftConfig(max_drafts)))
+            assert tokens_of(events) == expected[:new_tokens]
+            assert events[-1].finished[0]
+
+
+def test_prompt_near_the_context_limit(family):
+    engine, river = family
+    limit = engine.config.max_position_embeddings
+    prompt = prompts_of((limit - 6,), seed=5)[0]
+    events = list(decode_lossless(engine, [prompt], DRAFTS["tau"], river, 6, drafting=DraftConfig(4)))
+    assert tokens_of(events) == dense_tokens(engine, prompt, 6)
+
+
+def test_cache_holds_the_backbones_kv(family):
+    engine, river = family
+    prompt = prompts_of((7,), seed=6)[0]
+    cache = engine.new_cache(1, len(prompt) + NEW_TOKENS)
+    tokens = tokens_of(decode_lossless(engine, [prompt], DRAFTS["tau"], river, NEW_TOKENS, cache=cache,
+                                       drafting=DraftConfig(4)))
+    held = cache.lengths[0]
+    assert held == len(prompt) + len(tokens) - 1  # the last token is never fed
+    reference = engine.new_cache(1, held)
+    engine.prefill([prompt + tokens[:-1]], reference, ExitPolicy())
+    for layer in range(engine.num_layers):
+        torch.testing.assert_close(cache.keys[layer][:, :, :held], reference.keys[layer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.values[layer][:, :, :held], reference.values[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_batch_rows_equal_their_single_runs(family):
+    engine, river = family
+    prompts = prompts_of((3, 12, 6, 9), seed=7)
+    policy = DRAFTS["tau"]
+    eos = dense_tokens(engine, prompts[1])[4]
+    batched = list(decode_lossless(engine, prompts, policy, river, NEW_TOKENS, eos_token_ids=(eos,),
+                                   drafting=DraftConfig(3)))
+    for row, prompt in enumerate(prompts):
+        alone = list(decode_lossless(engine, [prompt], policy, river, NEW_TOKENS, eos_token_ids=(eos,),
+                                     drafting=DraftConfig(3)))
+        assert tokens_of(batched, row) == tokens_of(alone) == dense_tokens(engine, prompt, eos=(eos,))
+
+
+def test_low_bit_draft_head_and_confidence_stop_stay_exact(family):
+    engine, river = family
+    head = low_bit_head(engine.lm_head, 4, 64)
+    for prompt in prompts_of((4, 13), seed=8):
+        stats = [DraftStats()]
+        events = decode_lossless(engine, [prompt], DRAFTS["tau"], river, NEW_TOKENS, drafting=DraftConfig(5, 0.5),
+                                 draft_head=head, stats=stats)
+        assert tokens_of(events) == dense_tokens(engine, prompt)
+        assert stats[0].drafts_per_verify < 5  # unsure drafts stopped some cycles early
+
+
+def test_acceptance_rule_reproduces_the_target_distribution():
+    """Speculative sampling: whatever the draft law q, accepted-or-resampled tokens follow p."""
+    judge = Judge(SamplingConfig(temperature=1.0, seed=0), torch.device("cpu"))
+    p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    q = torch.softmax(torch.tensor([-1.0, 0.5, 2.0, 0.0]), dim=-1)
+    p = torch.softmax(p_logits[0], dim=-1)
+    draws = 20000
+    counts = torch.zeros(4)
+    for _ in range(draws):
+        draft = int(torch.multinomial(q, 1, generator=judge.generator))
+        counts[judge.accept(p_logits, [draft], [q])[0]] += 1
+    chi2 = float((((counts - draws * p) ** 2) / (draws * p)).sum())
+    assert chi2 < 16.3, (counts / draws, p)  # 3 degrees of freedom: p-value ~0.001
+
+
+def test_sampling_end_to_end_matches_dense_distribution():
+    """The second generated token's law under lossless sampling equals dense sampling's."""
+    model = tiny_model("llama", seed=1)
+    engine = RiverEngine(model)
+    river = build_river(engine.layers, QuantConfig(bits=4, group_size=64))
+    prompt = prompts_of((6,), seed=9)[0]
+    sampling = dict(temperature=1.0, top_k=4)
+    runs = 300
+
+    def second_tokens(lossless: bool) -> torch.Tensor:
+        counts = torch.zeros(320)
+        for seed in range(runs):
+            config = SamplingConfig(**sampling, seed=seed + (10_000 if lossless else 0))
+            events = (decode_lossless(engine, [prompt], ExitPolicy(force_exit_layer=2), river, 2, config,
+                                      drafting=DraftConfig(2))
+                      if lossless else decode(engine, [prompt], ExitPolicy(), None, 2, config))
+            tokens = tokens_of(events)
+            counts[tokens[0] * 0 + tokens[1]] += 1
+        return counts
+
+    dense, lossless = second_tokens(False), second_tokens(True)
+    support = (dense + lossless) > 0
+    # Two-sample chi-square on the tokens either run produced.
+    expected = (dense + lossless)[support] / 2
+    chi2 = float((((dense[support] - expected) ** 2 + (lossless[support] - expected) ** 2) / expected).sum())
+    dof = int(support.sum()) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_api_lossless_equals_dense_on_smollm2(smollm2):
+    prompts = ["What is 7 * 8?", "Write a haiku about rivers.", "def fib(n):"]
+    for prompt in prompts:
+        dense = smollm2.generate(prompt, method="dense", max_new_tokens=40)
+        exact = smollm2.generate(prompt, method="lossless:0.9", max_new_tokens=40)
+        assert exact.token_ids == dense.token_ids
+        assert exact.text == dense.text
+        drafting = exact.extra["drafting"]
+        assert drafting["verifies"] < len(exact.token_ids)  # some drafts were accepted
+        assert "exact" in exact.summary()
+    batched = smollm2.generate_batch(prompts, method="lossless:0.9", max_new_tokens=40, draft_tokens=3)
+    assert [r.token_ids for r in batched] == [smollm2.generate(p, method="dense", max_new_tokens=40).token_ids
+                                              for p in prompts]
+
+
+def test_api_stop_string_inside_a_draft_block(smollm2):
+    prompt = "Count from one to ten in words, separated by commas."
+    dense = smollm2.generate(prompt, method="dense", max_new_tokens=40)
+    stop = dense.text.split(",")[2] if dense.text.count(",") >= 3 else dense.text[5:9]
+    want = smollm2.generate(prompt, method="dense", max_new_tokens=40, stop=[stop])
+    got = smollm2.generate(prompt, method="lossless:0.9", max_new_tokens=40, stop=[stop], draft_tokens=6)
+    assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="river", draft_tokens=3), "lossless method only"),
+    (dict(method="lossless", draft_tokens=0), "draft tokens must be between"),
+    (dict(method="lossless", draft_confidence=1.5), "draft confidence"),
+    (dict(method="river", head_bits=3), "low-bit LM head supports"),
+    (dict(method="mask:0.9", head_bits=4), "low-bit LM head applies"),
+])
+def test_bad_draft_options(options, message):
+    from riverllm.api import check_generation_options
+
+    with pytest.raises(RiverError, match=message):
+        check_generation_options(**options)
+
+
+def test_exact_bench_compares_every_exact_method_with_dense(tmp_path):
+    """`riverllm bench --exact` on SmolLM2: transformers' greedy generate, prompt lookup and lossless
+    all reproduce our dense tokens; an interrupted run resumes without repeating a record."""
+    import json
+
+    from riverllm.bench.exact import ExactBenchSettings, exact_markdown, run_exact_bench
+
+    settings = ExactBenchSettings(model="smollm2-135m", methods=("dense", "lossless:0.9", "hf", "hf-lookup"),
+                                  tasks=("gsm8k",), num_prompts=2, new_tokens=24, threads=1)
+    results = run_exact_bench(settings, tmp_path, progress=False)
+    rows = {r["method"]: r for r in results["rows"]}
+    for name in settings.methods:
+        assert rows[name]["identical_to_dense"] == rows[name]["compared"] == 2, name
+    assert 0 < rows["lossless:0.9"]["acceptance_rate"] <= 1
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    (tmp_path / "samples.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if killed after five records
+    run_exact_bench(settings, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted((r["prompt"], r["method"]) for r in records) == sorted(
+        (f"gsm8k/{i}", m) for i in range(2) for m in settings.methods)
+    assert "| lossless:0.9 | yes |" in exact_markdown(results)
