@@ -235,3 +235,14 @@ def test_exact_bench_compares_every_exact_method_with_dense(tmp_path):
     assert sorted((r["prompt"], r["method"]) for r in records) == sorted(
         (f"gsm8k/{i}", m) for i in range(2) for m in settings.methods)
     assert "| lossless:0.9 | yes |" in exact_markdown(results)
+
+
+def test_teacher_forced_lossless_is_dense_and_the_low_bit_head_costs_little(smollm2):
+    ids = smollm2.tokenizer("The river flows to the sea, and the sea is never full; to the place")["input_ids"]
+    (dense, _), = smollm2.teacher_forced_batch([ids], [4], "dense")
+    (exact, exits), = smollm2.teacher_forced_batch([ids], [4], "lossless:0.9")
+    assert torch.equal(dense, exact) and set(exits) == {smollm2.num_layers}
+    (low_bit, _), = smollm2.teacher_forced_batch([ids], [4], "dense", head_bits=4)
+    assert not torch.equal(low_bit, dense)  # the 4-bit head really runs
+    agree = (low_bit.argmax(-1) == dense.argmax(-1)).float().mean().item()
+    assert agree >= 0.8, agree

@@ -326,25 +326,31 @@ class RiverLM:
     @torch.no_grad()
     def teacher_forced_batch(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
                              method: str | Method = "dense", tau: float | None = None, bits: int | None = None,
-                             min_exit_layer: int = 1) -> list[tuple[torch.Tensor, list[int]]]:
+                             min_exit_layer: int = 1, head_bits: int | None = None,
+                             ) -> list[tuple[torch.Tensor, list[int]]]:
         """`teacher_forced` for many sequences at once, as one batch with per-row exits: each
         row's logits and exits are those it gets alone. Prior strategies run one row at a time
-        (they decide per batch)."""
+        (they decide per batch). head_bits: read a low-bit copy of the LM head."""
         for ids, prompt_len in zip(sequences, prompt_lens):
             if not 1 <= prompt_len < len(ids):
                 raise RiverError(f"prompt_len must be in 1..{len(ids) - 1}, got {prompt_len}")
             if len(ids) > self.context_length:
                 raise RiverError(f"{len(ids)} tokens do not fit the context window of {self.context_length}")
+        if check_generation_options(method, tau).kind == "lossless":
+            method, tau = "dense", None  # lossless decoding's output distribution is dense's, by construction
         _, policy, river = self._policy(method, tau, bits, min_exit_layer, None)
         if policy.kv_strategy != "river" and len(sequences) > 1:
-            return [self.teacher_forced_batch([ids], [n], method, tau, bits, min_exit_layer)[0]
+            return [self.teacher_forced_batch([ids], [n], method, tau, bits, min_exit_layer, head_bits)[0]
                     for ids, n in zip(sequences, prompt_lens)]
+        check_generation_options(method, head_bits=head_bits)
+        head = self.low_bit_head(head_bits) if head_bits else None
         engine = self.engine
         device = engine.device
         cache = engine.new_cache(len(sequences), max(len(ids) for ids in sequences),
                                  track_filled=policy.kv_strategy != "river")
         cache.prompt_lengths = list(prompt_lens)
-        output = engine.prefill([list(ids[:n]) for ids, n in zip(sequences, prompt_lens)], cache, policy, river)
+        output = engine.prefill([list(ids[:n]) for ids, n in zip(sequences, prompt_lens)], cache, policy, river,
+                                lm_head=head)
         logits: list[list[torch.Tensor]] = [[] for _ in sequences]
         exits: list[list[int]] = [[] for _ in sequences]
         rows = list(range(len(sequences)))
@@ -358,7 +364,7 @@ class RiverLM:
             if not rows:
                 break
             tokens = torch.tensor([[sequences[row][cache.lengths[row]]] for row in rows], device=device)
-            output = engine.forward(tokens, cache, policy, river, rows=rows)
+            output = engine.forward(tokens, cache, policy, river, rows=rows, lm_head=head)
         return [(torch.stack(row_logits), row_exits) for row_logits, row_exits in zip(logits, exits)]
 
     def stream(self, prompt: Prompt, **options) -> Iterator[StreamEvent]:

@@ -218,11 +218,11 @@ class References:
 def measure(lm: RiverLM, segments: Iterable[Segment], method: str | Method, references: References,
             tau: float | None = None, bits: int | None = None, min_exit_layer: int = 1, progress: bool = False,
             description: str = "", give_up: Callable[[Fidelity], bool] | None = None,
-            batch_size: int = 8) -> Fidelity:
+            batch_size: int = 8, head_bits: int | None = None) -> Fidelity:
     """Agreement and KL of `method` against dense over every position of `segments`
     (or fewer: it stops after the first batch of segments at which `give_up(result so far)` is
     true). Segments are teacher-forced `batch_size` at a time, with per-row exits: each segment's
-    logits and exits are those it gets alone."""
+    logits and exits are those it gets alone. head_bits: read a low-bit copy of the LM head."""
     from tqdm.auto import tqdm
 
     segments = list(segments)
@@ -232,7 +232,7 @@ def measure(lm: RiverLM, segments: Iterable[Segment], method: str | Method, refe
     for start in range(0, len(segments), batch_size):
         chunk = segments[start:start + batch_size]
         scored = lm.teacher_forced_batch([s.ids for s in chunk], [s.prompt_len for s in chunk], method, tau=tau,
-                                         bits=bits, min_exit_layer=min_exit_layer)
+                                         bits=bits, min_exit_layer=min_exit_layer, head_bits=head_bits)
         for segment, (logits, exits) in zip(chunk, scored):
             result.add(references.get(segment).logits(lm), logits, exits)
             bar.update(segment.positions)
