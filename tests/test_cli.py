@@ -95,6 +95,9 @@ def test_inspect_writes_a_heatmap(tiny_dir, tmp_path):
     (["--method", "dense", "--tau", "0.5"], ["tau"]),
     (["--temperature", "-1"], ["temperature"]),
     (["--bits", "5"], ["bits"]),
+    (["--method", "river", "--draft-tokens", "3"], ["lossless method only"]),
+    (["--method", "lossless", "--draft-tokens", "99"], ["draft tokens"]),
+    (["--head-bits", "3"], ["low-bit LM head"]),
 ])
 def test_bad_arguments_get_one_line_errors(tiny_dir, args, words):
     base = ["generate", "--prompt", "hi", "--raw"]
