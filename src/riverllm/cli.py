@@ -146,20 +146,59 @@ def chat(
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """List the packaged models, their size and whether they are installed."""
-    from riverllm.loading import list_models
+    """List the packaged models, their size, whether they are installed, and what is cached for them."""
+    from riverllm.loading import PACKAGED_MODELS, cache_dir, human_size, list_models
+    from riverllm.model_cache import list_entries
 
     rows = list_models()
+    cached = list_entries()
+    for row in rows:
+        row["cached"] = [entry for entry in cached if entry["label"] == row["name"]]
+    # Backbones converted from .gguf files that are not packaged models: one row each.
+    rows += [{"name": entry["label"], "title": entry["source"], "size_bytes": None, "installed": None,
+              "path": entry["source"], "cached": [entry]}
+             for entry in cached if entry["label"] not in PACKAGED_MODELS]
     if as_json:
         typer.echo(json.dumps(rows))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "model", "size", "installed")
+    def cache_cell(entries: list[dict]) -> str:
+        return ", ".join(f"{entry['dtype']} {human_size(entry['bytes'])}"
+                         + (f" + {len(entry['rivers'])} river(s) {human_size(entry['river_bytes'])}" if entry["rivers"] else "")
+                         for entry in entries) or "-"
+
+    table = Table("name", "model", "size", "installed", "cached (backbone + rivers)")
     for row in rows:
-        table.add_row(row["name"], row["title"], f"{row['size_bytes'] / 1e6:.0f} MB", "yes" if row["installed"] else "no")
-    Console().print(table)
+        packaged = row["size_bytes"] is not None
+        table.add_row(row["name"], row["title"], human_size(row["size_bytes"]) if packaged else "",
+                      ("yes" if row["installed"] else "no") if packaged else "", cache_cell(row["cached"]))
+    console = Console()
+    console.print(table)
+    total = sum(entry["bytes"] + entry["river_bytes"] for entry in cached)
+    console.print(f"cache: {cache_dir()} ({human_size(total)} of converted backbones and their rivers; "
+                  "`riverllm cache clear [MODEL]` removes them)")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The riverllm cache: converted backbones and built rivers.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear(model: Optional[str] = typer.Argument(None, help="packaged name or .gguf path (default: all)")) -> None:
+    """Remove cached backbones and rivers (all, or one model's); downloaded models stay installed."""
+    from riverllm.loading import PACKAGED_MODELS, cache_dir
+    from riverllm.model_cache import clear, list_entries
+
+    if model is not None and model not in PACKAGED_MODELS and not Path(model).expanduser().exists() \
+            and model not in {entry["label"] for entry in list_entries()}:
+        fail(f"nothing is cached for '{model}': pass a packaged name ({', '.join(PACKAGED_MODELS)}), "
+             "a .gguf path, or nothing to clear the whole cache")
+    removed = clear(model)
+    freed = sum(1 for _ in removed)
+    what = f"for {model}" if model else f"in {cache_dir()}"
+    typer.echo(f"removed {freed} cached item(s) {what}" if freed else f"nothing was cached {what}")
 
 
 @app.command()

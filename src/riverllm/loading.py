@@ -175,7 +175,7 @@ def is_installed(name: str) -> bool:
         return False
 
 
-def _human_size(num_bytes: int) -> str:
+def human_size(num_bytes: int) -> str:
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
 
 
@@ -186,7 +186,7 @@ def list_models() -> list[dict[str, Any]]:
             "name": model.name,
             "title": model.title,
             "size_bytes": model.size_bytes,
-            "size": _human_size(model.size_bytes),
+            "size": human_size(model.size_bytes),
             "installed": is_installed(model.name),
             "path": str(_final_path(model)),
         }

@@ -91,8 +91,9 @@ class BackboneKey:
         return backbones_dir() / f"{self.label}-{self.dtype}"
 
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """The fields in which a manifest's key `other` differs from this one."""
-        return [name for name, value in asdict(self).items() if other.get(name) != value]
+        """The fields in which a manifest's key `other` differs from this one. Not the source's
+        path: the checksum says whether it is the same file, wherever it now lies."""
+        return [name for name, value in asdict(self).items() if name != "source" and other.get(name) != value]
 
 
 def backbone_key(source: Path, dtype: torch.dtype, packaged_name: str | None = None,

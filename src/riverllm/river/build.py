@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from riverllm.files import write_atomic
-from riverllm.river.quant import QuantLinear
+from riverllm.river.quant import QuantLinear, hqq_meta
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -56,10 +56,8 @@ def _make_twin(layer: nn.Module, config: QuantConfig, saved: dict | None, prefix
 def _saved_quantization(state: dict, linear: nn.Linear, config: QuantConfig) -> tuple[torch.Tensor, dict]:
     """HQQ's (codes, meta) rebuilt from what `_save` stored."""
     device = linear.weight.device
-    meta = {"nbits": config.bits, "group_size": config.group_size, "shape": linear.weight.shape, "axis": 1,
-            "packing": {2: "2bit_u8", 3: "3bit_32", 4: "4bit_u8", 8: "8bit_u8"}[config.bits],
-            "unpack_view_dtype": torch.int32 if config.bits == 3 else torch.uint8, "view_as_float": False,
-            "scale": state["scale"].to(device), "zero": state["zero"].to(device)}
+    meta = hqq_meta(config.bits, config.group_size, linear.weight.shape, state["scale"].to(device),
+                    state["zero"].to(device))
     return state["codes"].to(device), meta
 
 

@@ -25,6 +25,42 @@ from hqq.core.quantize import Quantizer
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+PACKING = {2: "2bit_u8", 3: "3bit_32", 4: "4bit_u8", 8: "8bit_u8"}
+
+# HQQ's optimizer makes about 20 elementwise passes over the weight per iteration, for up to 20
+# iterations. Over a whole MLP matrix (4.4M floats for Qwen2.5-0.5B: 17 MB per temporary) every
+# pass streams through memory; over a block of 64K floats (256 KB) the temporaries stay in the
+# core's L2 cache. Measured on Qwen2.5-Coder-0.5B's down_proj at one thread: 1.77 s whole, 0.43 s
+# in blocks, the same mean reconstruction error to 9 digits (docs/results/model_cache/). Groups
+# are independent in HQQ's update; only its early stop, taken per block instead of per matrix,
+# differs.
+HQQ_BLOCK_ELEMENTS = 1 << 16
+
+
+def hqq_meta(bits: int, group_size: int, shape: torch.Size, scale: torch.Tensor, zero: torch.Tensor) -> dict:
+    """The metadata `Quantizer.dequantize` and `Quantizer.unpack` read, for codes packed by HQQ."""
+    return {"nbits": bits, "group_size": group_size, "shape": shape, "axis": 1, "packing": PACKING[bits],
+            "unpack_view_dtype": torch.int32 if bits == 3 else torch.uint8, "view_as_float": False,
+            "scale": scale, "zero": zero}
+
+
+def hqq_quantize(weight: torch.Tensor, bits: int, group_size: int,
+                 block_elements: int = HQQ_BLOCK_ELEMENTS) -> tuple[torch.Tensor, dict]:
+    """HQQ's (packed codes, meta) for `weight` [out, in], optimized in blocks of whole rows of
+    about `block_elements` weights (see HQQ_BLOCK_ELEMENTS). Rows are grouped along the input
+    dimension (axis 1), so concatenating the blocks' groups gives the whole matrix's groups in order."""
+    weight = weight.detach().float()
+    rows = max(1, block_elements // weight.shape[1])
+    codes, scales, zeros = [], [], []
+    for block in weight.split(rows):
+        block_codes, block_meta = Quantizer.quantize(
+            block, nbits=bits, group_size=group_size, optimize=True, axis=1, bitpack=False,
+            compute_dtype=torch.float32, device=weight.device)
+        codes.append(block_codes)
+        scales.append(block_meta["scale"])
+        zeros.append(block_meta["zero"])
+    packed = Quantizer.pack[PACKING[bits]](torch.cat(codes))
+    return packed, hqq_meta(bits, group_size, weight.shape, torch.cat(scales), torch.cat(zeros))
 
 
 class QuantLinear(nn.Module):
@@ -44,10 +80,7 @@ class QuantLinear(nn.Module):
 
         if quantized is None:
             # HQQ's optimizer runs in fp32 on the weight's own device: a few ms per matrix on a GPU.
-            quantized = Quantizer.quantize(
-                weight.float(), nbits=bits, group_size=group_size, optimize=True, axis=1,
-                compute_dtype=torch.float32, device=weight.device,
-            )
+            quantized = hqq_quantize(weight, bits, group_size)
         codes_packed, meta = quantized
         self.hqq_state = {"codes": codes_packed, "scale": meta["scale"], "zero": meta["zero"]}
         self.backend = self._pick_backend(backend, weight.device)
