@@ -34,10 +34,34 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m.group(1), m.group(0)), text)
 
 
-def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False):
-    import riverllm
+DtypeOption = typer.Option("auto", "--dtype", help="backbone dtype: auto (CPU: bfloat16 where the CPU has native "
+                           "bfloat16, else float32; CUDA: bfloat16) | float32 | bfloat16 | float16")
+ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the idle cores "
+                             "now: a busy machine stalls every extra thread)")
 
-    return riverllm.load(model, device=device, bits=bits, group_size=group_size, progress=not quiet)
+
+def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False,
+            dtype: Optional[str] = None, threads: Optional[int] = None, fast_cpu_defaults: bool = False):
+    """Load a RiverLM. With `fast_cpu_defaults` (generate, chat), a CPU run gets the dtype and thread
+    count that decode fastest here (cpu.py); measuring commands keep float32 and torch's threads."""
+    import riverllm
+    from riverllm.cpu import fast_cpu_dtype, parse_dtype, pick_cpu_threads
+
+    torch_dtype = parse_dtype(dtype)
+    on_cpu = (device or "").startswith("cpu") or (device is None and not _cuda_available())
+    if fast_cpu_defaults and on_cpu:
+        pick_cpu_threads(threads)
+        torch_dtype = torch_dtype or fast_cpu_dtype()
+    elif threads is not None:
+        pick_cpu_threads(threads)
+    return riverllm.load(model, device=device, dtype=torch_dtype, bits=bits, group_size=group_size,
+                         progress=not quiet)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command()
@@ -62,6 +86,8 @@ def generate(
     max_backbone_layers: Optional[int] = typer.Option(None, "--max-backbone-layers",
                                                       help="force the exit here at the latest"),
     device: Optional[str] = DeviceOption,
+    dtype: str = DtypeOption,
+    threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Generate text with River-LLM (or the dense / w4 baselines)."""
     from riverllm.api import check_generation_options
@@ -75,7 +101,7 @@ def generate(
     QuantConfig(bits, group_size)
     if not prompt.strip():
         raise RiverError("the prompt is empty: pass some text with --prompt")
-    lm = load_lm(model, device, bits, group_size, quiet=as_json)
+    lm = load_lm(model, device, bits, group_size, quiet=as_json, dtype=dtype, threads=threads, fast_cpu_defaults=True)
     if as_json:
         result = lm.generate(prompt, **options)
         typer.echo(json.dumps({"model": model, **result.to_dict()}))
@@ -97,12 +123,14 @@ def chat(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="tokens per reply at most"),
     temperature: float = typer.Option(0.0, help="0 is greedy"),
     device: Optional[str] = DeviceOption,
+    dtype: str = DtypeOption,
+    threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Chat interactively (streaming). Type /exit or Ctrl-D to leave, /reset to forget."""
     from riverllm.api import check_generation_options
 
     check_generation_options(method, tau, max_new_tokens, temperature)
-    lm = load_lm(model, device)
+    lm = load_lm(model, device, dtype=dtype, threads=threads, fast_cpu_defaults=True)
     messages: list[dict] = []
     trimmed_before = False
     typer.echo(f"chatting with {model} ({method}); /exit to leave, /reset to start over", err=True)
