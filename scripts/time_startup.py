@@ -82,14 +82,15 @@ def main() -> None:
         "load_average_after": os.getloadavg(), "env": {k: env[k] for k in ("OMP_NUM_THREADS",) if k in env},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")  # not with_suffix: "qwen0.5b"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     table = ["| run | first token (s) | whole command (s) | summary line |", "|---|---|---|---|"]
     table += [f"| {i + 1} | {r['first_token_s']:.1f} | {r['total_s']:.1f} | {r['summary']} |" for i, r in enumerate(runs)]
     text = (f"`{result['command']}`{' (each run from an empty cache)' if args.first_run else ' (second runs)'}\n\n"
             + "\n".join(table) + f"\n\nfirst token: min {result['first_token_s']['min']:.1f} s, median "
             f"{result['first_token_s']['median']:.1f} s; load average after: "
             f"{', '.join(f'{x:.2f}' for x in result['load_average_after'])}\n")
-    args.out.with_suffix(".md").write_text(text)
+    md_path.write_text(text)
     print(text)
 
 

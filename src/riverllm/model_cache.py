@@ -21,7 +21,7 @@ a killed run leaves the old entry or none. A cache that cannot be written (disk 
 costs the speed-up, not the run.
 
 Each entry also records the fingerprint under which `build_river` caches this backbone's rivers
-(`cache_dir()/rivers/FINGERPRINT-bB-gG.pt`), so that `riverllm models` can show them and
+(`cache_dir()/rivers/FINGERPRINT-bB-gG.safetensors`), so that `riverllm models` can show them and
 `riverllm cache clear MODEL` can remove them with it.
 """
 
@@ -211,7 +211,7 @@ def _folder_bytes(folder: Path) -> int:
 def river_files(fingerprint: str | None) -> list[Path]:
     if not fingerprint or not rivers_dir().is_dir():
         return []
-    return sorted(rivers_dir().glob(f"{fingerprint}-b*-g*.pt"))
+    return sorted(rivers_dir().glob(f"{fingerprint}-b*-g*.*"))  # .safetensors (and older .pt)
 
 
 def list_entries() -> list[dict[str, Any]]:
