@@ -62,10 +62,23 @@ def test_methods_agree_with_library(tiny_dir):
     lm = riverllm.load(str(tiny_dir), device="cpu", progress=False)
     for method in ("dense", "w4", "river:0.5"):
         proc = run("generate", "--model", str(tiny_dir), "--prompt", "hello there", "--method", method, "-n", "6",
-                   "--json", "--raw")
+                   "--json", "--raw", "--dtype", "float32")  # the library's default; the CLI picks per CPU
         assert proc.returncode == 0, proc.stderr
         expected = lm.generate("hello there", method=method, max_new_tokens=6, raw=True)
         assert json.loads(proc.stdout)["token_ids"] == expected.token_ids
+
+
+def test_summary_line_names_the_dtype_and_threads_it_ran_with(tiny_dir):
+    from riverllm.cpu import fast_cpu_dtype
+
+    proc = run("generate", "--model", str(tiny_dir), "--prompt", "hello", "-n", "3", "--raw", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{str(fast_cpu_dtype()).removeprefix('torch.')}, 1 CPU thread" in proc.stderr
+    proc = run("generate", "--model", str(tiny_dir), "--prompt", "hello", "-n", "3", "--raw", "--dtype", "float32",
+               "--threads", "2")
+    assert proc.returncode == 0 and "float32, 2 CPU threads" in proc.stderr, proc.stderr
+    assert_one_line_error(run("generate", "--model", str(tiny_dir), "--prompt", "hi", "--dtype", "fp8"), "--dtype")
+    assert_one_line_error(run("generate", "--model", str(tiny_dir), "--prompt", "hi", "--threads", "0"), "--threads")
 
 
 def test_models_lists_the_packaged_models():

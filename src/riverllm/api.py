@@ -118,6 +118,16 @@ class RiverLM:
     # --- model facts ----------------------------------------------------------------------------
 
     @property
+    def compute(self) -> str:
+        """The backbone's dtype and, on CPU, torch's thread count now: what a speed was measured
+        with (the summary line says it, since both change tokens/s by large factors on a CPU)."""
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        if self.engine.device.type != "cpu":
+            return f"{dtype} on {self.engine.device}"
+        threads = torch.get_num_threads()
+        return f"{dtype}, {threads} CPU thread{'s' if threads != 1 else ''}"
+
+    @property
     def num_layers(self) -> int:
         return self.engine.num_layers
 
@@ -305,7 +315,7 @@ class RiverLM:
                         token_times=times[row],
                         finish_reason="stop" if (hit_eos or streams[row].stopped) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
-                        tau=used_tau, tau_source=tau_source,
+                        tau=used_tau, tau_source=tau_source, compute=self.compute,
                         extra={"drafting": draft_stats[row].to_dict()} if lossless else {},
                     )
                 yield row, StreamEvent(delta, token, event.exit_layers[row], result)

@@ -34,10 +34,34 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m.group(1), m.group(0)), text)
 
 
-def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False):
-    import riverllm
+DtypeOption = typer.Option("auto", "--dtype", help="backbone dtype: auto (CPU: bfloat16 where the CPU has native "
+                           "bfloat16, else float32; CUDA: bfloat16) | float32 | bfloat16 | float16")
+ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the idle cores "
+                             "now: a busy machine stalls every extra thread)")
 
-    return riverllm.load(model, device=device, bits=bits, group_size=group_size, progress=not quiet)
+
+def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False,
+            dtype: Optional[str] = None, threads: Optional[int] = None, fast_cpu_defaults: bool = False):
+    """Load a RiverLM. With `fast_cpu_defaults` (generate, chat), a CPU run gets the dtype and thread
+    count that decode fastest here (cpu.py); measuring commands keep float32 and torch's threads."""
+    import riverllm
+    from riverllm.cpu import fast_cpu_dtype, parse_dtype, pick_cpu_threads
+
+    torch_dtype = parse_dtype(dtype)
+    on_cpu = (device or "").startswith("cpu") or (device is None and not _cuda_available())
+    if fast_cpu_defaults and on_cpu:
+        pick_cpu_threads(threads)
+        torch_dtype = torch_dtype or fast_cpu_dtype()
+    elif threads is not None:
+        pick_cpu_threads(threads)
+    return riverllm.load(model, device=device, dtype=torch_dtype, bits=bits, group_size=group_size,
+                         progress=not quiet)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @app.command()
@@ -68,6 +92,8 @@ def generate(
     draft_confidence: Optional[float] = typer.Option(None, "--draft-confidence", help="lossless: stop drafting "
                                                      "when the draft's top-1 probability is below this (default 0)"),
     device: Optional[str] = DeviceOption,
+    dtype: str = DtypeOption,
+    threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Generate text with River-LLM (or the dense / w4 baselines, or exactly dense's output with lossless)."""
     from riverllm.api import check_generation_options
@@ -81,7 +107,7 @@ def generate(
     QuantConfig(bits, group_size)
     if not prompt.strip():
         raise RiverError("the prompt is empty: pass some text with --prompt")
-    lm = load_lm(model, device, bits, group_size, quiet=as_json)
+    lm = load_lm(model, device, bits, group_size, quiet=as_json, dtype=dtype, threads=threads, fast_cpu_defaults=True)
     if as_json:
         result = lm.generate(prompt, **options)
         typer.echo(json.dumps({"model": model, **result.to_dict()}))
@@ -103,12 +129,14 @@ def chat(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="tokens per reply at most"),
     temperature: float = typer.Option(0.0, help="0 is greedy"),
     device: Optional[str] = DeviceOption,
+    dtype: str = DtypeOption,
+    threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Chat interactively (streaming). Type /exit or Ctrl-D to leave, /reset to forget."""
     from riverllm.api import check_generation_options
 
     check_generation_options(method, tau, max_new_tokens, temperature)
-    lm = load_lm(model, device)
+    lm = load_lm(model, device, dtype=dtype, threads=threads, fast_cpu_defaults=True)
     messages: list[dict] = []
     trimmed_before = False
     typer.echo(f"chatting with {model} ({method}); /exit to leave, /reset to start over", err=True)
@@ -152,20 +180,59 @@ def chat(
 
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """List the packaged models, their size and whether they are installed."""
-    from riverllm.loading import list_models
+    """List the packaged models, their size, whether they are installed, and what is cached for them."""
+    from riverllm.loading import PACKAGED_MODELS, cache_dir, human_size, list_models
+    from riverllm.model_cache import list_entries
 
     rows = list_models()
+    cached = list_entries()
+    for row in rows:
+        row["cached"] = [entry for entry in cached if entry["label"] == row["name"]]
+    # Backbones converted from .gguf files that are not packaged models: one row each.
+    rows += [{"name": entry["label"], "title": entry["source"], "size_bytes": None, "installed": None,
+              "path": entry["source"], "cached": [entry]}
+             for entry in cached if entry["label"] not in PACKAGED_MODELS]
     if as_json:
         typer.echo(json.dumps(rows))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "model", "size", "installed")
+    def cache_cell(entries: list[dict]) -> str:
+        return ", ".join(f"{entry['dtype']} {human_size(entry['bytes'])}"
+                         + (f" + {len(entry['rivers'])} river(s) {human_size(entry['river_bytes'])}" if entry["rivers"] else "")
+                         for entry in entries) or "-"
+
+    table = Table("name", "model", "size", "installed", "cached (backbone + rivers)")
     for row in rows:
-        table.add_row(row["name"], row["title"], f"{row['size_bytes'] / 1e6:.0f} MB", "yes" if row["installed"] else "no")
-    Console().print(table)
+        packaged = row["size_bytes"] is not None
+        table.add_row(row["name"], row["title"], human_size(row["size_bytes"]) if packaged else "",
+                      ("yes" if row["installed"] else "no") if packaged else "", cache_cell(row["cached"]))
+    console = Console()
+    console.print(table)
+    total = sum(entry["bytes"] + entry["river_bytes"] for entry in cached)
+    console.print(f"cache: {cache_dir()} ({human_size(total)} of converted backbones and their rivers; "
+                  "`riverllm cache clear [MODEL]` removes them)")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The riverllm cache: converted backbones and built rivers.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear(model: Optional[str] = typer.Argument(None, help="packaged name or .gguf path (default: all)")) -> None:
+    """Remove cached backbones and rivers (all, or one model's); downloaded models stay installed."""
+    from riverllm.loading import PACKAGED_MODELS, cache_dir
+    from riverllm.model_cache import clear, list_entries
+
+    if model is not None and model not in PACKAGED_MODELS and not Path(model).expanduser().exists() \
+            and model not in {entry["label"] for entry in list_entries()}:
+        fail(f"nothing is cached for '{model}': pass a packaged name ({', '.join(PACKAGED_MODELS)}), "
+             "a .gguf path, or nothing to clear the whole cache")
+    removed = clear(model)
+    freed = sum(1 for _ in removed)
+    what = f"for {model}" if model else f"in {cache_dir()}"
+    typer.echo(f"removed {freed} cached item(s) {what}" if freed else f"nothing was cached {what}")
 
 
 @app.command()

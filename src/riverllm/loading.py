@@ -28,7 +28,6 @@ import site
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from riverllm.errors import RiverError
-from riverllm.files import write_atomic, write_text_atomic
+from riverllm.files import remove_stale_temps, write_atomic, write_text_atomic
 
 if TYPE_CHECKING:  # transformers is slow to import; load it only when a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -176,7 +175,7 @@ def is_installed(name: str) -> bool:
         return False
 
 
-def _human_size(num_bytes: int) -> str:
+def human_size(num_bytes: int) -> str:
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.0f} MB"
 
 
@@ -187,7 +186,7 @@ def list_models() -> list[dict[str, Any]]:
             "name": model.name,
             "title": model.title,
             "size_bytes": model.size_bytes,
-            "size": _human_size(model.size_bytes),
+            "size": human_size(model.size_bytes),
             "installed": is_installed(model.name),
             "path": str(_final_path(model)),
         }
@@ -251,17 +250,6 @@ def _locate_part(part: PartFile, model: PackagedModel) -> Path:
     )
 
 
-def _remove_stale_temp_files(directory: Path, prefix: str) -> None:
-    """Drop temp files that a killed assembly left behind (they can be 1 GB each). A file still
-    being written by a concurrent assembly was touched moments ago, so it is left alone."""
-    for stale in directory.glob(prefix + "*"):
-        try:
-            if time.time() - stale.stat().st_mtime > 60:
-                stale.unlink()
-        except OSError:
-            pass
-
-
 def _assemble(model: PackagedModel, sources: list[Path], progress: bool) -> Path:
     """Concatenate `sources` into the cache, hashing on the way; rename into place only if the
     sha256 matches. Until then the bytes live in a temp file in the same directory (so that
@@ -270,7 +258,7 @@ def _assemble(model: PackagedModel, sources: list[Path], progress: bool) -> Path
 
     final = _final_path(model)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(final.parent, f".{model.filename}.")
+    remove_stale_temps(final.parent, f".{model.filename}.")
     total = sum(source.stat().st_size for source in sources)
 
     def concatenate(temp: str) -> None:
@@ -528,16 +516,28 @@ def _load_tokenizer(directory: Path, gguf_file: str | None, progress: bool) -> P
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               progress: bool = True, use_cache: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `spec` (packaged name, HF directory or .gguf path) as (model, tokenizer).
 
     The model is in eval mode with sdpa attention, in `dtype` (default float32 on CPU, bfloat16 on
-    CUDA). The tokenizer has a pad token and pads on the left.
+    CUDA). The tokenizer has a pad token and pads on the left. A GGUF is converted once and kept
+    in the backbone cache (model_cache.py); `use_cache=False` converts it afresh and keeps nothing.
     """
+    from riverllm import model_cache
+
     target = _torch_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     directory, gguf_file = resolve_model(spec, progress=progress)
+
+    key = entry = None
+    if gguf_file and use_cache:
+        packaged = PACKAGED_MODELS.get(spec)
+        key = model_cache.backbone_key(directory / gguf_file, dtype, packaged and packaged.name,
+                                       packaged and packaged.sha256)
+        entry = model_cache.open_entry(key)
+        if entry is not None:  # an HF folder made from this very file, verified: load that instead
+            directory, gguf_file = entry, None
 
     # Check the architecture before any weights are read: a 1 GB dequantization that ends in
     # "unsupported" is a poor way to learn it.
@@ -550,6 +550,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
     model = _load_weights(directory, gguf_file, config, dtype, progress)
     tokenizer = _load_tokenizer(directory, gguf_file, progress)
+    if key is not None and entry is None:
+        from riverllm.river.build import weights_fingerprint
+
+        model_cache.store_entry(key, model, tokenizer, weights_fingerprint(model.model.layers), progress)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s warning
     model.to(target)

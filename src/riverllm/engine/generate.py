@@ -171,6 +171,7 @@ class GenerationResult:
     extra: dict = field(default_factory=dict)
     tau: float | None = None  # the exit threshold used (None: the method has none)
     tau_source: str = ""  # where it came from: "request" (given), "profile" (calibrated) or "default"
+    compute: str = ""  # what it ran on, e.g. "float32, 1 CPU thread" (see RiverLM.compute)
 
     @property
     def tokens_per_s(self) -> float:
@@ -199,10 +200,11 @@ class GenerationResult:
             return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, exact: "
                     f"{100 * drafting['acceptance_rate']:.0f}% of drafts accepted, "
                     f"{drafting['tokens_per_verify']:.2f} tokens per backbone pass, drafts left at layer "
-                    f"{drafting['mean_draft_exit_layer']:.1f}/{self.num_layers}")
+                    f"{drafting['mean_draft_exit_layer']:.1f}/{self.num_layers}" + (f", {self.compute}" if self.compute else ""))
         return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, "
                 f"mean exit layer {self.mean_exit_layer:.1f}/{self.num_layers}, "
-                f"{100 * self.full_precision_share:.0f}% of layers at full precision")
+                f"{100 * self.full_precision_share:.0f}% of layers at full precision"
+                + (f", {self.compute}" if self.compute else ""))
 
     def to_dict(self) -> dict:
         data = asdict(self)
