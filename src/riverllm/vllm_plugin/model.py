@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
@@ -51,13 +51,16 @@ class ExitStats:
 
     def __init__(self, num_layers: int, settings: RiverSettings):
         self.num_layers, self.settings = num_layers, settings
-        self.decode_histogram = [0] * (num_layers + 1)  # index: backbone layers run
-        self.prefill_sequences = 0
-        self.prefill_exit_sum = 0
-        self.steps = 0
+        self.reset()
         self.path = os.environ.get(STATS_ENV)
         if self.path:
             atexit.register(self.write)
+
+    def reset(self) -> None:
+        self.decode_histogram = [0] * (self.num_layers + 1)  # index: backbone layers run
+        self.prefill_sequences = 0
+        self.prefill_exit_sum = 0
+        self.steps = 0
 
     def add(self, group_exit: torch.Tensor, group_sizes: torch.Tensor) -> None:
         decode = group_exit[group_sizes == 1]
@@ -178,6 +181,9 @@ class RiverMixin:
     """Everything River adds to a vLLM decoder-only model class (put it before the vLLM class)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+            # torch.compile / CUDA graphs would freeze one exit path; the exits are data-dependent.
+            raise RiverError("River under vLLM runs eagerly: start vLLM with enforce_eager=True (--enforce-eager)")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if get_pp_group().world_size > 1:
             # The exit mask would have to travel with IntermediateTensors between stages.

@@ -39,7 +39,9 @@ class RiverSettings:
     tau_source: str = "default"  # where tau came from, logged at start (hf_overrides | file | profile | default)
 
     def policy(self) -> ExitPolicy:
-        return ExitPolicy(tau=self.tau, min_exit_layer=self.min_exit_layer)
+        # A cosine never exceeds 1, so tau > 1 never exits: as inf, no similarity is even computed
+        # (JSON, and so hf_overrides, cannot spell inf; users write 2).
+        return ExitPolicy(tau=math.inf if self.tau > 1 else self.tau, min_exit_layer=self.min_exit_layer)
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -85,8 +87,6 @@ def resolve_settings(config: Any, model_path: str | None = None) -> RiverSetting
         tau, source = calibrated, "calibration profile"
     else:
         tau, source = DEFAULT_TAU.get(getattr(config, "model_type", ""), FALLBACK_TAU), "default"
-    if math.isinf(tau) and tau > 0:
-        tau = math.inf
-    else:
+    if not (math.isinf(tau) and tau > 0):
         check_tau(tau)
     return RiverSettings(tau=tau, bits=bits, group_size=group_size, min_exit_layer=min_exit_layer, tau_source=source)
