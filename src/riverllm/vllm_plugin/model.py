@@ -37,6 +37,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from riverllm.errors import RiverError
+from riverllm.files import write_text_atomic
 from riverllm.policy import ExitPolicy
 from riverllm.vllm_plugin.settings import RiverSettings, resolve_settings
 from riverllm.vllm_plugin.twin import FusedTwin, RiverRows, SplitLinear, fingerprint, quantize_parts, twin_state
@@ -83,10 +84,7 @@ class ExitStats:
                 "prefill_mean_exit_layer": self.prefill_exit_sum / self.prefill_sequences if self.prefill_sequences else None}
 
     def write(self) -> None:
-        path = Path(self.path)
-        temp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(self.summary(), indent=1) + "\n", encoding="utf-8")
-        os.replace(temp, path)
+        write_text_atomic(self.path, json.dumps(self.summary(), indent=1) + "\n")
 
 
 class RiverStep:
