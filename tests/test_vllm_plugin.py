@@ -151,7 +151,8 @@ def test_server_command_selects_river():
     command = server_command(Path("/m"), "127.0.0.1", 8000, overrides, "qwen", extra=["--max-num-seqs", "32"])
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in command
     assert json.loads(command[command.index("--hf-overrides") + 1]) == overrides
-    assert command[-2:] == ["--max-num-seqs", "32"]
+    assert command[-2:] == ["--max-num-seqs", "32"] and "--no-enable-prefix-caching" in command
+    assert "--no-enable-prefix-caching" not in server_command(Path("/m"), "h", 1, {}, "q")  # dense keeps vLLM's default
 
 
 @pytest.mark.parametrize("method, tau, message", [

@@ -53,6 +53,7 @@ class ExitStats:
     def __init__(self, num_layers: int, settings: RiverSettings):
         self.num_layers, self.settings = num_layers, settings
         self.reset()
+        self.written_at = 0.0
         self.path = os.environ.get(STATS_ENV)
         if self.path:
             atexit.register(self.write)
@@ -71,7 +72,9 @@ class ExitStats:
         self.prefill_sequences += prefill.numel()
         self.prefill_exit_sum += int(prefill.sum())
         self.steps += 1
-        if self.path and self.steps % 16 == 0:
+        # At most twice a second: a server's stats file is then at most one step stale once a
+        # later step (any request) has run; a JSON dump per step would cost more than the exit rule.
+        if self.path and time.monotonic() - self.written_at >= 0.5:
             self.write()
 
     def summary(self) -> dict:
@@ -84,6 +87,7 @@ class ExitStats:
                 "prefill_mean_exit_layer": self.prefill_exit_sum / self.prefill_sequences if self.prefill_sequences else None}
 
     def write(self) -> None:
+        self.written_at = time.monotonic()
         write_text_atomic(self.path, json.dumps(self.summary(), indent=1) + "\n")
 
 
@@ -186,6 +190,10 @@ class RiverMixin:
         if get_pp_group().world_size > 1:
             # The exit mask would have to travel with IntermediateTensors between stages.
             raise RiverError("River under vLLM supports tensor parallelism, not pipeline parallelism")
+        if vllm_config.cache_config.enable_prefix_caching:
+            logger.warning("River with prefix caching: a cached prompt prefix keeps the K/V of the path an earlier "
+                           "request took, so a prompt's exits can depend on what ran before; "
+                           "--no-enable-prefix-caching makes every answer its own (docs/vllm.md)")
         model_config = vllm_config.model_config
         self.river_settings = resolve_settings(model_config.hf_config, model_config.model)
         num_layers = model_config.hf_config.num_hidden_layers

@@ -1,8 +1,8 @@
 """Run a model under vLLM in this process, dense or with River, on given prompt token ids.
 
-    python -m riverllm.vllm_plugin.offline DIR --prompts ids.json --tau 0.9 --max-tokens 24
+    python -m riverllm.vllm_plugin.offline DIR --prompts ids.json --tau 0.9 --max-tokens 24 --out result.json
 
-prints one JSON object: the generated token ids per prompt, River's exit statistics (null for
+writes one JSON object (vLLM logs to stdout, so it goes to a file): the generated token ids per prompt, River's exit statistics (null for
 dense), load and generation seconds. The tests and the benchmark run it as a subprocess, one
 engine per process: vLLM keeps process-wide distributed state, so a second engine in the same
 process is not something to rely on.
@@ -58,7 +58,7 @@ def run(model_dir: Path, prompts: list[list[int]], tau: float | None, max_tokens
     overrides = hf_overrides(dense_architecture(model_dir), "dense" if tau is None else "river", river_tau, bits, 64)
     started = time.perf_counter()
     llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, hf_overrides=overrides,
-              max_model_len=max_model_len, seed=0)
+              max_model_len=max_model_len, seed=0, enable_prefix_caching=False)
     load_s = time.perf_counter() - started
     if overrides:
         llm.apply_model(lambda model: model.river_stats.reset())  # the warm-up run is not a request
@@ -73,6 +73,7 @@ def run(model_dir: Path, prompts: list[list[int]], tau: float | None, max_tokens
 
 def main(argv: list[str] | None = None) -> int:
     from riverllm.errors import RiverError
+    from riverllm.files import write_text_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="a HuggingFace directory (riverllm.vllm_plugin.convert writes one)")
@@ -80,19 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=None, help="River's tau (above 1: never exit); omit for dense vLLM")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     try:
         prompts = json.loads(args.prompts.read_text(encoding="utf-8"))
-        if not (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p for p in prompts)):
-            raise RiverError(f"{args.prompts}: expected a JSON list of non-empty token-id lists")
-        result = run(args.model_dir, prompts, args.tau, args.max_tokens, args.bits)
     except (OSError, ValueError) as error:
-        print(f"error: {args.prompts}: {error}", file=sys.stderr)
+        print(f"error: cannot read {args.prompts}: {error}", file=sys.stderr)
         return 2
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p for p in prompts)):
+        print(f"error: {args.prompts}: expected a JSON list of non-empty token-id lists", file=sys.stderr)
+        return 2
+    try:
+        result = run(args.model_dir, prompts, args.tau, args.max_tokens, args.bits)
     except RiverError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    write_text_atomic(args.out, json.dumps(result) + "\n")
     return 0
 
 

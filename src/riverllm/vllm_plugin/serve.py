@@ -67,6 +67,10 @@ def server_command(model_dir: Path, host: str, port: int, overrides: dict, serve
                "--dtype", "float32", "--enforce-eager"]
     if overrides:
         command += ["--hf-overrides", json.dumps(overrides)]
+        if not any("prefix-caching" in arg for arg in extra):
+            # A cached prefix keeps the K/V of the path (backbone or twins) that an earlier request
+            # took; River's prompt depth would then depend on what ran before (docs/vllm.md).
+            command.append("--no-enable-prefix-caching")
     if api_key:
         command += ["--api-key", api_key]
     return command + list(extra)
