@@ -35,24 +35,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import PROMPTS, free_port, machine, percentiles, uptime, write_atomically  # noqa: E402
+from load_test import (PROMPTS, free_port, machine, percentiles, uptime,  # noqa: E402
+                       wait_until_healthy, write_atomically)
 
 
 def start(command: list[str], environment: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     with log.open("w") as handle:
         server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
-    deadline = time.time() + 1800  # conversion + HQQ on a shared 2-core CPU
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"error: the server exited with code {server.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.terminate()
-    raise SystemExit(f"error: the server did not come up in 30 minutes; see {log}")
+    return wait_until_healthy(server, port, 1800, f"; see {log}")  # conversion + HQQ on a shared 2-core CPU
 
 
 async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
