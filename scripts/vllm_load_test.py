@@ -144,19 +144,22 @@ def markdown(report: dict) -> str:
              "the figures carry their noise; compare rows of one table, not tables.", "",
              f"Each cell: max(8, 2C) greedy chat requests from C concurrent clients, {report['max_tokens']} tokens "
              "each (ignore_eos). Mean exit layer: decoding steps only (the backbone layers a generated token ran).",
-             "", "| server | C | tok/s | latency p50 / p99 (s) | mean exit layer | answers = vLLM dense (C=1) | "
-             "answers under load = own C=1 |", "|---|---|---|---|---|---|---|"]
-    dense = report["servers"][0]["runs"][0]["answers"]
+             "", "| server | C | tok/s | latency p50 / p99 (s) | mean exit layer | answers = vLLM dense's | "
+             "= riverllm River's | = its own at C=1 |", "|---|---|---|---|---|---|---|---|"]
+    alone_answers = {server["name"]: server["runs"][0]["answers"] for server in report["servers"]}
+
+    def agree(answers: dict, reference_server: str) -> str:
+        reference = alone_answers.get(reference_server)
+        return "-" if reference is None else f"{sum(answers[p] == reference.get(p) for p in answers)}/{len(answers)}"
+
     for server in report["servers"]:
-        alone = server["runs"][0]["answers"]
-        same_as_dense = sum(alone[p] == dense.get(p) for p in alone)
         for run in server["runs"]:
             mean_exit = run["vllm_mean_exit_layer"] if run["vllm_mean_exit_layer"] is not None else run["own_mean_exit_layer"]
-            stable = sum(run["answers"][p] == alone.get(p) for p in run["answers"])
             lines.append(f"| {server['name']} | {run['concurrency']} | {run['tokens_per_s']:.1f} | "
                          f"{run['latency_s']['p50']:.2f} / {run['latency_s']['p99']:.2f} | "
-                         f"{'-' if mean_exit is None else f'{mean_exit:.2f}'} | "
-                         f"{same_as_dense}/{len(alone)} | {stable}/{len(run['answers'])} |")
+                         f"{'-' if mean_exit is None else f'{mean_exit:.2f}'} | {agree(run['answers'], 'vllm-dense')} | "
+                         f"{agree(run['answers'], 'riverllm-river')} | {agree(run['answers'], server['name'])} |")
+    lines += ["", "Answers are compared per distinct prompt, against the named server's answer at C=1."]
     lines += ["", "Servers (started one after the other):", ""]
     lines += [f"- {s['name']} (up in {s['start_s']:.0f} s): `{s['command']}`" for s in report["servers"]]
     return "\n".join(lines) + "\n"
@@ -164,6 +167,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", type=Path, help="only rewrite the .md of this earlier .json report")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--concurrency", default="1,8,32")
@@ -174,6 +178,9 @@ def main() -> None:
                         help="Python of riverllm's own server (default: this one); the main environment's")
     parser.add_argument("--out", type=Path, default=Path("docs/results/vllm_plugin"))
     args = parser.parse_args()
+    if args.markdown:
+        write_atomically(args.markdown.with_suffix(".md"), markdown(json.loads(args.markdown.read_text())))
+        return
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     import vllm
 

@@ -101,12 +101,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def server(model_dir, tmp_path_factory):
     """`riverllm serve --engine vllm` with River at TAU (vLLM's OpenAI server in a subprocess)."""
     import httpx
 
     port = free_port()
-    log = open(model_dir.parent / f"vllm-server-{port}.log", "w")
+    log = open(tmp_path_factory.mktemp("server") / "vllm-server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "riverllm.cli", "serve", "--engine", "vllm", "--model", MODEL,
                                 "--method", f"river:{TAU}", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
