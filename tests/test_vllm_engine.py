@@ -9,7 +9,6 @@ are token for token: greedy, float32, the same prompt token ids on both sides.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -50,13 +49,9 @@ def own(model_dir):
 
 
 def offline(model_dir: Path, prompt_ids: list[list[int]], tmp_path: Path, tau: float | None) -> dict:
-    prompts, out = tmp_path / "prompts.json", tmp_path / f"result-{tau}.json"
-    prompts.write_text(json.dumps(prompt_ids))
-    command = [sys.executable, "-m", "riverllm.vllm_plugin.offline", str(model_dir), "--prompts", str(prompts),
-               "--max-tokens", str(MAX_TOKENS), "--out", str(out)] + ([] if tau is None else ["--tau", str(tau)])
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    return json.loads(out.read_text())
+    from riverllm.vllm_plugin.offline import run_in_subprocess
+
+    return run_in_subprocess(model_dir, prompt_ids, tau, MAX_TOKENS, tmp_path, timeout_s=900)
 
 
 @pytest.fixture(scope="module")

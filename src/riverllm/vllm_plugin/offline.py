@@ -71,6 +71,21 @@ def run(model_dir: Path, prompts: list[list[int]], tau: float | None, max_tokens
             "load_s": load_s, "generate_s": generate_s}
 
 
+def run_in_subprocess(model_dir: Path, prompts: list[list[int]], tau: float | None, max_tokens: int,
+                      workdir: Path, timeout_s: float = 1800) -> dict[str, Any]:
+    """`run` in a fresh Python (one vLLM engine per process); RuntimeError with its stderr's tail."""
+    import subprocess
+
+    prompts_file, out = workdir / "prompts.json", workdir / f"result-{'dense' if tau is None else tau}.json"
+    prompts_file.write_text(json.dumps(prompts), encoding="utf-8")
+    command = [sys.executable, "-m", "riverllm.vllm_plugin.offline", str(model_dir), "--prompts", str(prompts_file),
+               "--max-tokens", str(max_tokens), "--out", str(out)] + ([] if tau is None else ["--tau", str(tau)])
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    if finished.returncode != 0:
+        raise RuntimeError(f"vLLM run failed ({finished.returncode}): {finished.stderr[-3000:]}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from riverllm.errors import RiverError
     from riverllm.files import write_text_atomic
