@@ -3,6 +3,7 @@ command. They run in the main suite; tests/test_vllm_engine.py runs River inside
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -178,7 +179,7 @@ def test_cli_serve_vllm_refuses_riverllm_only_flags():
     assert result.returncode == 2 and "--engine must be riverllm or vllm" in result.stderr
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_cli_serve_vllm_without_vllm_is_one_line():
     result = run_cli("serve", "--engine", "vllm")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "vLLM is not installed" in result.stderr
