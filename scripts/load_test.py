@@ -359,11 +359,15 @@ def start_server(model: str, device: str | None, method: str, port: int, extra: 
                "--method", method, *extra]
     if device:
         command += ["--device", device]
-    server = subprocess.Popen(command)
-    deadline = time.time() + 900  # loading the model and building its river
+    return wait_until_healthy(subprocess.Popen(command), port, 900)  # loading the model and building its river
+
+
+def wait_until_healthy(server: subprocess.Popen, port: int, limit_s: float, log: str = "") -> subprocess.Popen:
+    """`server` once its /health answers 200; a one-line exit if it dies or takes longer than limit_s."""
+    deadline = time.time() + limit_s
     while time.time() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"error: the server exited with code {server.returncode}")
+            raise SystemExit(f"error: the server exited with code {server.returncode}{log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return server
@@ -371,7 +375,7 @@ def start_server(model: str, device: str | None, method: str, port: int, extra: 
             pass
         time.sleep(1)
     server.terminate()
-    raise SystemExit("error: the server did not come up within 15 minutes")
+    raise SystemExit(f"error: the server did not come up within {limit_s / 60:.0f} minutes{log}")
 
 
 def write_atomically(path: Path, text: str) -> None:

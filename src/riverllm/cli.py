@@ -275,8 +275,9 @@ def inspect(
         typer.echo(f"heat-map written to {plot}", err=True)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
+    context: typer.Context,
     model: str = ModelOption,
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key)"),
     port: int = typer.Option(8000, help="TCP port"),
@@ -301,8 +302,17 @@ def serve(
                                         "beyond it HTTP 503"),
     keep_alive_s: float = typer.Option(5.0, "--keep-alive", help="seconds an idle keep-alive connection stays open"),
     device: Optional[str] = DeviceOption,
+    engine: str = typer.Option("riverllm", "--engine", help="riverllm (this package's server) or vllm (vLLM's "
+                               "OpenAI server with the River model; arguments after -- go to vLLM; docs/vllm.md)"),
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, streaming)."""
+    if engine == "vllm":
+        serve_vllm(context, model, host, port, method, tau, api_key, threads, bits, group_size, device)
+        return
+    if engine != "riverllm":
+        fail(f"--engine must be riverllm or vllm, got '{engine}'")
+    if context.args:
+        fail(f"unexpected arguments {' '.join(context.args)}: only --engine vllm passes arguments on (after --)")
     from riverllm.server import ServerSettings
     from riverllm.server import serve as run_server
 
@@ -312,6 +322,30 @@ def serve(
                               max_connections=max_connections, keep_alive_s=keep_alive_s)
     settings.check()  # fail on a bad flag or a busy port before loading the model
     run_server(load_lm(model, device, bits, group_size), settings)
+
+
+def serve_vllm(context: typer.Context, model: str, host: str, port: int, method: str, tau: Optional[float],
+               api_key: Optional[str], threads: Optional[int], bits: int, group_size: int,
+               device: Optional[str]) -> None:
+    """`serve --engine vllm`: flags that only riverllm's own server has are refused, not ignored."""
+    from riverllm.vllm_plugin.serve import exec_server
+
+    own_flags = {"max_queue": "--max-queue", "max_batch_size": "--max-batch-size (vLLM: -- --max-num-seqs N)",
+                 "kv_cache_tokens": "--kv-cache-tokens (vLLM: VLLM_CPU_KVCACHE_SPACE=GiB)",
+                 "max_body_bytes": "--max-body-bytes", "max_prompt_tokens": "--max-prompt-tokens (vLLM: -- "
+                 "--max-model-len N)", "max_connections": "--max-connections", "keep_alive_s": "--keep-alive",
+                 "device": "--device"}
+    source = click_source(context)
+    given = [flag for name, flag in own_flags.items() if source(name)]
+    if given:
+        fail(f"{', '.join(given)}: riverllm's own server only; with --engine vllm leave it out")
+    exec_server(model, host, port, method, tau, bits, group_size, api_key, threads, list(context.args))
+
+
+def click_source(context: typer.Context):
+    """name -> True when the user gave that option on the command line (not its default). By the
+    enum's name: typer may bring its own copy of click's ParameterSource."""
+    return lambda name: getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"
 
 
 @app.command("eval")
