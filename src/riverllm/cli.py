@@ -385,6 +385,16 @@ def eval_command(
     typer.echo(f"report written to {out / 'report.md'}", err=True)
 
 
+def write_bench_outputs(out: Path, results: dict, markdown: str, *more: Path) -> None:
+    """bench.json and bench.md into `out` (atomically), the table on stdout, the paths on stderr."""
+    from riverllm.files import write_text_atomic
+
+    write_text_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "bench.md", markdown)
+    typer.echo(markdown)
+    typer.echo("written: " + ", ".join(str(p) for p in (out / "bench.json", out / "bench.md", *more)), err=True)
+
+
 @app.command()
 def bench(
     shapes: Optional[str] = typer.Option(None, "--shapes", help="comma-separated shapes (random weights): "
@@ -435,7 +445,6 @@ def bench(
     command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
     if exact:
         from riverllm.bench.exact import ExactBenchSettings, exact_markdown, run_exact_bench
-        from riverllm.files import write_text_atomic
 
         if not model:
             fail("--exact needs --model (a real model: acceptance depends on real weights)")
@@ -446,15 +455,10 @@ def bench(
             num_prompts=num_prompts, new_tokens=new_tokens or 256, threads=threads, draft_tokens=draft_tokens)
         exact_settings.check()
         results = run_exact_bench(exact_settings, out)
-        write_text_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
-        text = exact_markdown(results, command)
-        write_text_atomic(out / "bench.md", text)
-        typer.echo(text)
-        typer.echo(f"written: {out / 'bench.json'}, {out / 'bench.md'}, {out / 'samples.jsonl'}", err=True)
+        write_bench_outputs(out, results, exact_markdown(results, command), out / "samples.jsonl")
         return
     if batch_sizes is not None:
         from riverllm.bench.batch import BatchBenchSettings, batch_markdown, run_batch_bench
-        from riverllm.files import write_text_atomic
 
         if not model:
             fail("--batch-sizes needs --model (a real model: exits depend on real weights)")
@@ -470,11 +474,7 @@ def bench(
             new_tokens=new_tokens or 32, check_tokens=check_tokens, threads=threads)
         batch_settings.check()
         results = run_batch_bench(batch_settings)
-        write_text_atomic(out / "bench.json", json.dumps(results, indent=2) + "\n")
-        text = batch_markdown(results, command)
-        write_text_atomic(out / "bench.md", text)
-        typer.echo(text)
-        typer.echo(f"written: {out / 'bench.json'}, {out / 'bench.md'}", err=True)
+        write_bench_outputs(out, results, batch_markdown(results, command))
         return
     if threads:
         import torch

@@ -114,19 +114,21 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
                                 for a, b in zip(alone, batched)]
             invariance.append(dict(method=name, batch_size=size, prompts=len(prompts), identical=sum(same),
                                    first_difference=first_difference))
-    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance,
-                environment=dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                                 machine=platform.processor() or platform.machine(),
-                                 load_average=list(_load_average()), date=time.strftime("%Y-%m-%d %H:%M")))
+    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance, environment=environment())
 
 
-def _load_average() -> tuple[float, ...]:
+def environment() -> dict:
+    """Where a real-model benchmark ran: torch, threads, CPU, load average (a shared machine's
+    timings mean little without it) and date."""
+    import os
+
     try:
-        import os
-
-        return os.getloadavg()
+        load = list(os.getloadavg())
     except OSError:
-        return ()
+        load = []
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(), load_average=load,
+                date=time.strftime("%Y-%m-%d %H:%M"))
 
 
 def batch_markdown(results: dict, command: str = "") -> str:

@@ -17,7 +17,6 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from riverllm.bench.batch import environment
 from riverllm.errors import RiverError
 
 HF_METHODS = ("hf", "hf-lookup")  # plus hf-assisted:MODEL
@@ -160,19 +160,7 @@ def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_
         row["vs_dense"] = row["tokens_per_s"] / by_name["dense"]["tokens_per_s"] if "dense" in by_name else None
         row["vs_fastest_exact_baseline"] = row["tokens_per_s"] / fastest_exact["tokens_per_s"] if fastest_exact else None
     return dict(kind="exact", settings=asdict(settings), rows=rows, num_layers=num_layers,
-                fastest_exact_baseline=fastest_exact["method"] if fastest_exact else None,
-                environment=dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                                 machine=platform.processor() or platform.machine(),
-                                 load_average=list(_load_average()), date=time.strftime("%Y-%m-%d %H:%M")))
-
-
-def _load_average() -> tuple[float, ...]:
-    import os
-
-    try:
-        return os.getloadavg()
-    except OSError:
-        return ()
+                fastest_exact_baseline=fastest_exact["method"] if fastest_exact else None, environment=environment())
 
 
 def exact_markdown(results: dict, command: str = "") -> str:
