@@ -257,7 +257,10 @@ def _failure_detail(returncode: int, stderr: str, limits: SandboxLimits) -> str:
                   "SIGKILL": "killed"}.get(name, name)
         return f"stopped by signal {name} ({reason})"
     lines = [line for line in stderr.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else f"exit status {returncode}"
+    # The error is a traceback's last unindented line. Not simply the last line: processes the
+    # program forked may still be writing their own tracebacks into the same stderr.
+    errors = [line for line in lines if not line[0].isspace() and not line.startswith("Traceback")]
+    return (errors or lines)[-1][:300] if lines else f"exit status {returncode}"
 
 
 def run_python(program: str, limits: SandboxLimits = SandboxLimits(), unsafe_exec: bool = False) -> ExecutionResult:
