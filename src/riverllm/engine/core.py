@@ -228,7 +228,7 @@ class RiverEngine:
         row's tokens at its next slots; then advance the rows' lengths by `counts` (real tokens per
         row; default new). deciding[r] False: row r (finished, kept only for its shape) does not
         hold the batch back under the batch-min rule. lm_head: a replacement for the model's LM
-        head (a low-bit copy: `river.head.low_bit_head`)."""
+        head (a low-bit copy: `riverllm.river.low_bit_head`)."""
         n, new = input_ids.shape
         strategy = policy.kv_strategy
         prior = strategy != "river"
@@ -379,7 +379,7 @@ class RiverEngine:
 
     def head(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """Final norm + LM head (+ Gemma's soft-cap) of any hidden states."""
-        logits = stable_rows(lm_head or self.lm_head, self.norm(hidden))
+        logits = stable_rows(self.lm_head if lm_head is None else lm_head, self.norm(hidden))
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
