@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+# The ggml extra compiles llama.cpp (about 4 minutes here); its multimodal library is not needed.
+CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF} python -m pip install -q -e ".[test,ggml]"
 export TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 python -m pytest -q --durations=15 "$@"

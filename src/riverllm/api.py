@@ -45,6 +45,7 @@ MAX_DRAFT_TOKENS = 16
 # dense step but 4 or more cost ~1.8 (fp32 GEMM switches kernels at 4 rows), so 2 drafts are the
 # sweet spot there (docs/lossless.md); a GPU verifies a few more tokens for almost nothing.
 DEFAULT_DRAFT_TOKENS = {"cpu": 2, "cuda": 4}
+KERNELS = ("torch", "ggml")
 DEFAULT_DRAFT_HEAD_BITS = 4
 MAX_SEED = 2**63 - 1
 
@@ -95,18 +96,25 @@ class RiverLM:
         self.model_type = getattr(model.config, "model_type", "")
         self.profile_tau: dict[int, float] = {}  # bits -> calibrated tau (from `riverllm calibrate`)
         self.profile_lossless: dict[int, tuple[float, int]] = {}  # bits -> (tau, drafts) (`--target speed`)
+        self.gguf_path: Path | None = None  # the GGUF file the weights came from, if any (for ggml kernels)
+        self.kernels = "torch"
+        self._torch_modules = (list(self.engine.backbone), self.engine.head_linear)
+        self._ggml = None
 
     @classmethod
     def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-             bits: int = 4, group_size: int = 64, progress: bool = True) -> "RiverLM":
-        from riverllm.loading import DEFAULT_MODEL, cache_dir, load_model
+             bits: int = 4, group_size: int = 64, progress: bool = True, kernels: str = "torch") -> "RiverLM":
+        from riverllm.loading import DEFAULT_MODEL, cache_dir, load_model, resolve_model
 
         spec = model or DEFAULT_MODEL
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         quant = QuantConfig(bits, group_size)  # validated before the (slow) load
         hf_model, tokenizer = load_model(spec, device=device, dtype=dtype, progress=progress)
         lm = cls(hf_model, tokenizer, name=spec, quant=quant, progress=progress, river_cache_dir=cache_dir() / "rivers")
+        directory, gguf_file = resolve_model(spec, progress=False)
+        lm.gguf_path = directory / gguf_file if gguf_file else None
         lm._load_profile()
+        lm.use_kernels(kernels)
         return lm
 
     def _load_profile(self) -> None:
@@ -125,7 +133,8 @@ class RiverLM:
         if self.engine.device.type != "cpu":
             return f"{dtype} on {self.engine.device}"
         threads = torch.get_num_threads()
-        return f"{dtype}, {threads} CPU thread{'s' if threads != 1 else ''}"
+        kernels = ", ggml kernels" if self.kernels == "ggml" else ""
+        return f"{dtype}{kernels}, {threads} CPU thread{'s' if threads != 1 else ''}"
 
     @property
     def num_layers(self) -> int:
@@ -179,8 +188,35 @@ class RiverLM:
     def low_bit_head(self, bits: int) -> nn.Module:
         """A low-bit copy of the LM head (`river.low_bit_head`), built on first use and kept."""
         if bits not in self._heads:
-            self._heads[bits] = low_bit_head(self.engine.lm_head, bits, self.quant.group_size)
+            head = low_bit_head(self.engine.lm_head, bits, self.quant.group_size)
+            if self.kernels == "ggml":
+                from riverllm.kernels.gguf_linear import q4_1_linear
+
+                head = q4_1_linear(head)
+            self._heads[bits] = head
         return self._heads[bits]
+
+    def use_kernels(self, kernels: str) -> None:
+        """What the step multiplies with. "torch": the dequantized weights and PyTorch's kernels
+        (the default, and the reference the tests compare with transformers). "ggml" (CPU, GGUF
+        models): the file's own quantized blocks and llama.cpp's kernels, the 4-bit twins and LM
+        heads repacked as Q4_1 (riverllm.kernels); activations are quantized to 8 bits per block
+        inside ggml's products, so tokens can differ from "torch" as llama.cpp's do."""
+        if kernels not in KERNELS:
+            raise RiverError(f"kernels must be one of {', '.join(KERNELS)}, got '{kernels}'")
+        if kernels == "ggml":
+            if self.engine.device.type != "cpu" or self.gguf_path is None:
+                raise RiverError("the ggml kernels run GGUF models on the CPU only")
+            from riverllm.kernels.gguf_linear import GGMLKernels
+
+            if self._ggml is None:
+                self._ggml = GGMLKernels(self.gguf_path, self.engine)
+            self.engine.use_kernels(self._ggml.backbone, self._ggml.head, self._ggml.twins)
+        else:
+            backbone, head = self._torch_modules
+            self.engine.use_kernels(backbone, head, None)
+        self.kernels = kernels
+        self._heads.clear()
 
     def free_backbone(self, keep_layers: int) -> None:
         """Drop backbone layers beyond `keep_layers` from memory; tokens then exit there at the latest.
@@ -192,6 +228,8 @@ class RiverLM:
         for index in range(keep_layers, self.num_layers):
             self.engine.layers[index] = nn.Identity()  # the twins keep the shared norms alive
         self.engine.free_layers(keep_layers)
+        backbone, head = self._torch_modules
+        self._torch_modules = ([w if i < keep_layers else None for i, w in enumerate(backbone)], head)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

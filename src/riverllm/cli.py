@@ -36,12 +36,16 @@ def unescape(text: str) -> str:
 
 DtypeOption = typer.Option("auto", "--dtype", help="backbone dtype: auto (CPU: bfloat16 where the CPU has native "
                            "bfloat16, else float32; CUDA: bfloat16) | float32 | bfloat16 | float16")
+KernelsOption = typer.Option("torch", "--kernels", help="torch (dequantized weights, PyTorch's kernels) | ggml "
+                             "(CPU, GGUF models: the file's quantized blocks on llama.cpp's kernels; needs "
+                             "pip install 'riverllm[ggml]'; docs/kernels.md)")
 ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the idle cores "
                              "now: a busy machine stalls every extra thread)")
 
 
 def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False,
-            dtype: Optional[str] = None, threads: Optional[int] = None, fast_cpu_defaults: bool = False):
+            dtype: Optional[str] = None, threads: Optional[int] = None, fast_cpu_defaults: bool = False,
+            kernels: str = "torch"):
     """Load a RiverLM. With `fast_cpu_defaults` (generate, chat), a CPU run gets the dtype and thread
     count that decode fastest here (cpu.py); measuring commands keep float32 and torch's threads."""
     import riverllm
@@ -55,7 +59,15 @@ def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 
     elif threads is not None:
         pick_cpu_threads(threads)
     return riverllm.load(model, device=device, dtype=torch_dtype, bits=bits, group_size=group_size,
-                         progress=not quiet)
+                         progress=not quiet, kernels=kernels)
+
+
+def check_kernels(kernels: str) -> None:
+    """Fail on a typo before the slow load."""
+    from riverllm.api import KERNELS
+
+    if kernels not in KERNELS:
+        raise RiverError(f"--kernels takes {' or '.join(KERNELS)}, got '{kernels}'")
 
 
 def _cuda_available() -> bool:
@@ -94,6 +106,7 @@ def generate(
     device: Optional[str] = DeviceOption,
     dtype: str = DtypeOption,
     threads: Optional[int] = ThreadsOption,
+    kernels: str = KernelsOption,
 ) -> None:
     """Generate text with River-LLM (or the dense / w4 baselines, or exactly dense's output with lossless)."""
     from riverllm.api import check_generation_options
@@ -107,7 +120,9 @@ def generate(
     QuantConfig(bits, group_size)
     if not prompt.strip():
         raise RiverError("the prompt is empty: pass some text with --prompt")
-    lm = load_lm(model, device, bits, group_size, quiet=as_json, dtype=dtype, threads=threads, fast_cpu_defaults=True)
+    check_kernels(kernels)
+    lm = load_lm(model, device, bits, group_size, quiet=as_json, dtype=dtype, threads=threads, fast_cpu_defaults=True,
+                 kernels=kernels)
     if as_json:
         result = lm.generate(prompt, **options)
         typer.echo(json.dumps({"model": model, **result.to_dict()}))
@@ -131,12 +146,14 @@ def chat(
     device: Optional[str] = DeviceOption,
     dtype: str = DtypeOption,
     threads: Optional[int] = ThreadsOption,
+    kernels: str = KernelsOption,
 ) -> None:
     """Chat interactively (streaming). Type /exit or Ctrl-D to leave, /reset to forget."""
     from riverllm.api import check_generation_options
 
     check_generation_options(method, tau, max_new_tokens, temperature)
-    lm = load_lm(model, device, dtype=dtype, threads=threads, fast_cpu_defaults=True)
+    check_kernels(kernels)
+    lm = load_lm(model, device, dtype=dtype, threads=threads, fast_cpu_defaults=True, kernels=kernels)
     messages: list[dict] = []
     trimmed_before = False
     typer.echo(f"chatting with {model} ({method}); /exit to leave, /reset to start over", err=True)
@@ -435,6 +452,9 @@ def bench(
                                "prompts, with tokens compared to dense; resumes in --out"),
     draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="with --exact: lossless drafts per "
                                                "backbone pass at most"),
+    llama_cpp: bool = typer.Option(False, "--llama-cpp", help="with --model (a GGUF): against llama.cpp on the same "
+                                   "file, riverllm on torch and ggml kernels (METHOD+ggml), at 1 and 2 threads "
+                                   "(or --threads); resumes in --out; needs the ggml extra"),
     check_tokens: int = typer.Option(128, "--check-tokens", help="with --batch-sizes: tokens of the invariance "
                                      "check (0: skip it)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)"),
@@ -443,6 +463,21 @@ def bench(
     from riverllm.bench import BenchSettings, run_bench, write_outputs
 
     command = " ".join(["riverllm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "riverllm" else ""
+    if llama_cpp:
+        from riverllm.bench.llamacpp import LlamaCppBenchSettings, llamacpp_markdown, run_llamacpp_bench
+
+        if not model:
+            fail("--llama-cpp needs --model (a GGUF model: llama.cpp runs the same file)")
+        defaults = LlamaCppBenchSettings(model=model)
+        llama_settings = LlamaCppBenchSettings(
+            model=model, methods=tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else defaults.methods,
+            threads=(threads,) if threads else defaults.threads,
+            tasks=defaults.tasks if prompts == "random" else tuple(t.strip() for t in prompts.split(",")),
+            num_prompts=num_prompts, new_tokens=new_tokens or defaults.new_tokens)
+        llama_settings.check()
+        results = run_llamacpp_bench(llama_settings, out)
+        write_bench_outputs(out, results, llamacpp_markdown(results, command), out / "samples.jsonl")
+        return
     if exact:
         from riverllm.bench.exact import ExactBenchSettings, exact_markdown, run_exact_bench
 

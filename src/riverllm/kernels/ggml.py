@@ -1,0 +1,183 @@
+"""ggml's quantized CPU matrix products, called from PyTorch through ctypes.
+
+On a CPU, batch-1 decoding reads every weight once per token, so its speed is the number of bytes
+it reads. A GGUF file's weights are already small (Q4_K, Q5_0, Q8_0...: 4.5 to 8.5 bits a
+weight), and ggml, llama.cpp's tensor library, multiplies them as they are: it quantizes the
+activations to 8 bits and runs integer dot products over the blocks. PyTorch has no kernel for
+these formats, so without ggml the backbone is dequantized to float32 or bfloat16 and reads 2 to 4
+times the bytes. This module borrows ggml from the llama-cpp-python package (`pip install
+'riverllm[ggml]'`), which builds it for this CPU, and runs one ggml graph per matrix product.
+
+Only the public ggml API is used (ggml.h, ggml-backend.h, ggml-cpu.h): a context that allocates
+nothing, tensors placed on memory we own (`ggml_backend_cpu_buffer_from_ptr` +
+`ggml_backend_tensor_alloc`), `ggml_mul_mat`, and the CPU backend's `ggml_backend_graph_compute`.
+The weights stay in the GGUF's own bytes; activations and results are float32 torch tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from riverllm.errors import RiverError
+
+# enum ggml_type (ggml.h); the values are the GGUF file's own tensor type codes.
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q5_0, GGML_Q5_1, GGML_Q8_0 = 0, 1, 2, 3, 6, 7, 8
+GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_BF16 = 12, 13, 14, 30
+
+INSTALL_HINT = "pip install 'riverllm[ggml]' (it builds llama-cpp-python, which carries ggml)"
+
+
+class InitParams(ctypes.Structure):  # struct ggml_init_params
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def library_dir() -> Path:
+    """Where llama-cpp-python keeps its shared libraries (without importing it: that loads llama)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise RiverError(f"the ggml kernels need llama-cpp-python: {INSTALL_HINT}")
+    return Path(spec.origin).parent / "lib"
+
+
+class GGML:
+    """The few ggml functions riverllm calls, with their C signatures."""
+
+    def __init__(self, lib_dir: Path):
+        try:
+            base = ctypes.CDLL(str(lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+            cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        except OSError as error:
+            raise RiverError(f"cannot load ggml from {lib_dir} ({error}): {INSTALL_HINT}") from None
+        p, size, i64, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int
+
+        def bind(lib, name, restype, *argtypes):
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, list(argtypes)
+            setattr(self, name, function)
+
+        bind(base, "ggml_init", p, InitParams)
+        bind(base, "ggml_free", None, p)
+        bind(base, "ggml_tensor_overhead", size)
+        bind(base, "ggml_graph_overhead", size)
+        bind(base, "ggml_row_size", size, i32, i64)
+        bind(base, "ggml_blck_size", i64, i32)
+        bind(base, "ggml_new_tensor_2d", p, p, i32, i64, i64)
+        bind(base, "ggml_mul_mat", p, p, p, p)
+        bind(base, "ggml_new_graph", p, p)
+        bind(base, "ggml_build_forward_expand", None, p, p)
+        bind(base, "ggml_backend_cpu_buffer_from_ptr", p, p, size)
+        bind(base, "ggml_backend_buffer_free", None, p)
+        bind(base, "ggml_backend_tensor_alloc", i32, p, p, p)
+        bind(base, "ggml_backend_graph_compute", i32, p, p)
+        bind(cpu, "ggml_backend_cpu_init", p)
+        bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, i32)
+        self.backend = self.ggml_backend_cpu_init()
+        self.lock = threading.Lock()  # one backend, one work buffer: one graph at a time
+
+    def compute(self, graph: int, threads: int) -> None:
+        with self.lock:
+            self.ggml_backend_cpu_set_n_threads(self.backend, threads)
+            status = self.ggml_backend_graph_compute(self.backend, graph)
+        if status != 0:
+            raise RiverError(f"ggml graph computation failed (status {status})")
+
+
+@lru_cache(maxsize=1)
+def load() -> GGML:
+    return GGML(library_dir())
+
+
+def available() -> bool:
+    try:
+        load()
+    except RiverError:
+        return False
+    return True
+
+
+ALIGNMENT = 64  # ggml wants tensor memory 32-byte aligned; numpy promises only 16
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """`array` itself if its memory is ALIGNMENT-aligned, else an aligned copy."""
+    if array.ctypes.data % ALIGNMENT == 0:
+        return array
+    raw = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    copy = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
+
+
+class QuantMatrix:
+    """A weight matrix [out, in] in one of ggml's formats, as raw blocks (uint8 [out, row_bytes]:
+    often a read-only view of the memory-mapped GGUF file, which ggml only reads), and its products
+    with float32 activations: `matmul(x)` = x @ W.T."""
+
+    graphs: dict[int, tuple] = {}
+    buffer = None
+
+    def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int):
+        self.ggml = load()
+        row_bytes = self.ggml.ggml_row_size(ggml_type, in_features)
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != row_bytes \
+                or not blocks.flags.c_contiguous:
+            raise RiverError(f"ggml type {ggml_type} rows of {in_features} weights take {row_bytes} bytes; "
+                             f"got a {blocks.shape} {blocks.dtype} array")
+        self.blocks, self.type = aligned(blocks), ggml_type
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.buffer = self.ggml.ggml_backend_cpu_buffer_from_ptr(self.blocks.ctypes.data, self.blocks.nbytes)
+        self.graphs = {}  # rows -> (context, graph, input, output, buffers), built once per shape
+
+    def __del__(self):
+        for graph in self.graphs.values():
+            self._free(graph)
+        if self.buffer:
+            self.ggml.ggml_backend_buffer_free(self.buffer)
+
+    def _free(self, graph: tuple) -> None:
+        context, *_, buffers = graph
+        for buffer in buffers:
+            self.ggml.ggml_backend_buffer_free(buffer)
+        self.ggml.ggml_free(context)
+
+    def _graph(self, rows: int) -> tuple:
+        graph = self.graphs.get(rows)
+        if graph is not None:
+            return graph
+        g = self.ggml
+        context = g.ggml_init(InitParams(g.ggml_tensor_overhead() * 4 + g.ggml_graph_overhead(), None, True))
+        weight = g.ggml_new_tensor_2d(context, self.type, self.in_features, self.out_features)
+        x = g.ggml_new_tensor_2d(context, GGML_F32, self.in_features, rows)
+        y = g.ggml_mul_mat(context, weight, x)
+        cgraph = g.ggml_new_graph(context)
+        g.ggml_build_forward_expand(cgraph, y)
+        g.ggml_backend_tensor_alloc(self.buffer, weight, self.blocks.ctypes.data)
+        inputs = torch.empty(rows, self.in_features)
+        outputs = torch.empty(rows, self.out_features)
+        buffers = []
+        for tensor, memory in ((x, inputs), (y, outputs)):
+            buffers.append(g.ggml_backend_cpu_buffer_from_ptr(memory.data_ptr(), memory.numel() * 4))
+            g.ggml_backend_tensor_alloc(buffers[-1], tensor, memory.data_ptr())
+        graph = (context, cgraph, inputs, outputs, buffers)
+        if rows <= 16:  # decoding shapes recur; a prompt's length rarely does
+            self.graphs[rows] = graph
+        return graph
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        graph = self._graph(rows)
+        _, cgraph, inputs, outputs, _ = graph
+        inputs.copy_(x)
+        self.ggml.compute(cgraph, torch.get_num_threads())
+        result = outputs.clone()
+        if rows not in self.graphs:
+            self._free(graph)
+        return result
