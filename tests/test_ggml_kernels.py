@@ -144,3 +144,44 @@ def test_ggml_kernels_refuse_what_they_cannot_run(smollm2):
     if ggml.available():
         with pytest.raises(RiverError, match="GGUF models on the CPU only"):
             smollm2.use_kernels("ggml")  # built from a loaded model object: no GGUF file known
+
+
+def test_bench_method_variants_parse():
+    from riverllm.bench.llamacpp import split_method
+
+    assert split_method("dense") == ("dense", "torch", {})
+    assert split_method("river:0.9+ggml+head4") == ("river:0.9", "ggml", {"head_bits": 4})
+    with pytest.raises(RiverError, match=r"\+fast"):
+        split_method("dense+fast")
+
+
+@needs_ggml
+def test_llamacpp_bench_runs_resumes_and_compares(tmp_path):
+    """`riverllm bench --llama-cpp` end to end on SmolLM2: llama.cpp through llama-cpp-python, our
+    dense on ggml, per-prompt records, a resumed run that adds nothing."""
+    from riverllm.bench.llamacpp import LlamaCppBenchSettings, run_llamacpp_bench
+
+    settings = LlamaCppBenchSettings(model="smollm2-135m", methods=("llama.cpp", "dense", "dense+ggml"),
+                                     threads=(1,), tasks=("gsm8k",), num_prompts=2, new_tokens=8)
+    results = run_llamacpp_bench(settings, tmp_path, progress=False)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"llama.cpp", "dense", "dense+ggml"}
+    for row in rows.values():
+        assert row["prompts"] == 2 and row["decode_tokens_per_s"] > 0
+    assert rows["llama.cpp"]["vs_llama_cpp"] == 1.0
+    # The same file and the same kernels: llama.cpp and our ggml dense agree on a short answer.
+    assert rows["dense+ggml"]["prefix_with_llama.cpp"] > 0.5
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    run_llamacpp_bench(settings, tmp_path, progress=False)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 6
+
+
+def test_bench_llama_cpp_needs_a_model():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "from riverllm.cli import main; main()", "bench", "--llama-cpp"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--llama-cpp needs --model" in proc.stderr

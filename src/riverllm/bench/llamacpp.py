@@ -4,7 +4,8 @@ A CPU user's real alternative to riverllm is llama.cpp. This bench decodes the s
 (HumanEval and GSM8K, chat template, greedy, batch 1) with llama.cpp (through llama-cpp-python,
 the `ggml` extra, which builds it for this CPU) and with riverllm's methods on both of its kernel
 sets: "torch" (the GGUF dequantized, PyTorch's kernels) and "ggml" (the GGUF's own blocks,
-llama.cpp's kernels, twins as Q4_1). A method is written `METHOD` or `METHOD+ggml`.
+llama.cpp's kernels, twins as Q4_1). A method is written `METHOD`, `METHOD+ggml`, and with
+`+head4` for a 4-bit LM head (`--head-bits 4`), e.g. `river:0.9+ggml+head4`.
 
 Speed is decode tok/s: tokens after the first over their wall time (the first token pays the
 prefill, which is reported apart), the figure llama.cpp's `llama-bench` calls tg. Every thread
@@ -52,10 +53,19 @@ class LlamaCppBenchSettings:
                 Method.parse(split_method(name)[0])
 
 
-def split_method(name: str) -> tuple[str, str]:
-    """"river:0.9+ggml" -> ("river:0.9", "ggml"); "dense" -> ("dense", "torch")."""
-    method, _, kernels = name.partition("+")
-    return method, kernels or "torch"
+VARIANTS = {"ggml": ("kernels", "ggml"), "head4": ("head_bits", 4)}
+
+
+def split_method(name: str) -> tuple[str, str, dict]:
+    """"river:0.9+ggml+head4" -> ("river:0.9", "ggml", {"head_bits": 4}); "dense" -> ("dense", "torch", {})."""
+    method, *variants = name.split("+")
+    options = {}
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise RiverError(f"unknown method variant '+{variant}' in '{name}' (known: +ggml, +head4)")
+        key, value = VARIANTS[variant]
+        options[key] = value
+    return method, options.pop("kernels", "torch"), options
 
 
 class LlamaCpp:
@@ -114,9 +124,9 @@ def run_llamacpp_bench(settings: LlamaCppBenchSettings, out: Path, progress: boo
     # Warm-up: builds the river and the ggml modules, touches every kernel once (not timed).
     for name in settings.methods:
         if name != LLAMA_CPP:
-            method, kernels = split_method(name)
+            method, kernels, options = split_method(name)
             lm.use_kernels(kernels)
-            lm.generate(prompts[0][1], method=method, max_new_tokens=3)
+            lm.generate(prompts[0][1], method=method, max_new_tokens=3, **options)
     todo = [(threads, key, prompt, name) for threads in settings.threads for key, prompt in prompts
             for name in settings.methods if (threads, key, name) not in done]
     with open(samples_path, "a", encoding="utf-8") as samples, \
@@ -129,9 +139,9 @@ def run_llamacpp_bench(settings: LlamaCppBenchSettings, out: Path, progress: boo
             if name == LLAMA_CPP:
                 tokens, times = llama.generate(ids, settings.new_tokens, threads, stop)
             else:
-                method, kernels = split_method(name)
+                method, kernels, options = split_method(name)
                 lm.use_kernels(kernels)
-                result = lm.generate(prompt, method=method, max_new_tokens=settings.new_tokens)
+                result = lm.generate(prompt, method=method, max_new_tokens=settings.new_tokens, **options)
                 tokens, times, exits = result.token_ids, result.token_times, result.mean_exit_layer
             record = dict(threads=threads, prompt=key, method=name, tokens=tokens, prefill_seconds=times[0],
                           decode_seconds=sum(times[1:]), mean_exit_layer=exits)
