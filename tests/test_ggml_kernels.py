@@ -185,3 +185,15 @@ def test_bench_llama_cpp_needs_a_model():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--llama-cpp needs --model" in proc.stderr
+
+
+@needs_ggml
+def test_ggml_keeps_twins_it_cannot_repack_on_torch(smollm2_ggml):
+    """A 3-bit river has no Q4_1 form: its twins stay PyTorch modules and River still runs."""
+    from riverllm.kernels.gguf_linear import GGMLLinear
+
+    lm = smollm2_ggml
+    twins = lm.engine.twins(lm.river(3))
+    assert not any(isinstance(t.q, GGMLLinear) for t in twins)
+    assert isinstance(lm.engine.twins(lm.river(4))[0].q, GGMLLinear)
+    assert len(lm.generate("Hi", method="river3:0.9", max_new_tokens=4).token_ids) == 4

@@ -59,6 +59,11 @@ def task_prompts(kind: str, count: int) -> list:
     return [task.prompt(sample, chat=True) for sample in task.samples(count, 0, progress=False)]
 
 
+def bench_prompts(tasks: tuple[str, ...], count: int) -> list[tuple[str, str]]:
+    """("task/i", prompt) for the first `count` prompts of each task."""
+    return [(f"{task}/{i}", prompt) for task in tasks for i, prompt in enumerate(task_prompts(task, count))]
+
+
 def decode_rate(results) -> tuple[float, int]:
     """(seconds of the decoding steps after the prefill, tokens they made) of one batch."""
     steps = max(len(r.token_times) for r in results)
@@ -131,11 +136,17 @@ def environment() -> dict:
                 date=time.strftime("%Y-%m-%d %H:%M"))
 
 
+def environment_line(env: dict, when: str, threads: bool = True) -> str:
+    """The machine line of a benchmark table: torch, threads, CPU, load average, date."""
+    thread_part = f"{env['threads']} thread(s), " if threads else ""
+    return (f"torch {env['torch']}, {thread_part}{env['machine']}, load average "
+            f"{', '.join(f'{x:.2f}' for x in env['load_average'])} {when}, {env['date']}.")
+
+
 def batch_markdown(results: dict, command: str = "") -> str:
     env = results["environment"]
     lines = [f"# Batched decoding: {results['settings']['model']}", "",
-             f"torch {env['torch']}, {env['threads']} thread(s), {env['machine']}, load average "
-             f"{', '.join(f'{x:.2f}' for x in env['load_average'])} at start, {env['date']}.",
+             environment_line(env, "at start"),
              f"{results['settings']['num_prompts']} {results['settings']['prompts']} prompts, "
              f"{results['settings']['new_tokens']} new tokens per row (EOS ignored), greedy.", ""]
     if command:

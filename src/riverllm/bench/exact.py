@@ -16,7 +16,6 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from riverllm.bench.batch import environment
+from riverllm.bench.batch import environment, environment_line
+from riverllm.bench.records import RecordLog
 from riverllm.errors import RiverError
 
 HF_METHODS = ("hf", "hf-lookup")  # plus hf-assisted:MODEL
@@ -86,31 +86,22 @@ def load_assistants(methods: tuple[str, ...], device) -> dict:
 
 def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = True) -> dict:
     import riverllm
-    from riverllm.bench.batch import task_prompts
+    from riverllm.bench.batch import bench_prompts
 
     settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     lm = riverllm.load(settings.model, progress=progress)
     assistants = load_assistants(settings.methods, lm.engine.device)
-    prompts = [(f"{task}/{i}", prompt) for task in settings.tasks
-               for i, prompt in enumerate(task_prompts(task, settings.num_prompts))]
-    out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
-    done = {}
-    if samples_path.exists():
-        for line in samples_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[(record["prompt"], record["method"])] = record
+    prompts = bench_prompts(settings.tasks, settings.num_prompts)
+    log = RecordLog(out / "samples.jsonl", ("prompt", "method"))
     # Warm-up: builds the river and the low-bit head, touches every kernel once (not timed).
     for name in settings.methods:
         if not name.startswith("hf"):
             lm.generate(prompts[0][1], method=name, max_new_tokens=3)
 
-    todo = [(key, prompt, name) for key, prompt in prompts for name in settings.methods if (key, name) not in done]
-    with open(samples_path, "a", encoding="utf-8") as samples, \
-            tqdm(total=len(todo), desc="exact bench", unit="run", disable=not progress) as bar:
+    todo = [(key, prompt, name) for key, prompt in prompts for name in settings.methods if (key, name) not in log]
+    with tqdm(total=len(todo), desc="exact bench", unit="run", disable=not progress) as bar:
         for key, prompt, name in todo:
             bar.set_postfix_str(f"{key} {name}")
             ids = lm.encode(prompt)
@@ -125,12 +116,9 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
                 tokens, exits = result.token_ids, result.mean_exit_layer
                 extra = result.extra.get("drafting", {})
             seconds = time.perf_counter() - start
-            record = dict(prompt=key, method=name, tokens=tokens, seconds=seconds, mean_exit_layer=exits, **extra)
-            done[(key, name)] = record
-            samples.write(json.dumps(record) + "\n")  # one line per record: a kill loses at most this one
-            samples.flush()
+            log.append(dict(prompt=key, method=name, tokens=tokens, seconds=seconds, mean_exit_layer=exits, **extra))
             bar.update()
-    return summarize(settings, [key for key, _ in prompts], done, lm.num_layers)
+    return summarize(settings, [key for key, _ in prompts], log.records, lm.num_layers)
 
 
 def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_layers: int) -> dict:
@@ -166,8 +154,7 @@ def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_
 def exact_markdown(results: dict, command: str = "") -> str:
     env, settings = results["environment"], results["settings"]
     lines = [f"# Exact decoding: {settings['model']}", "",
-             f"torch {env['torch']}, {env['threads']} thread(s), {env['machine']}, load average "
-             f"{', '.join(f'{x:.2f}' for x in env['load_average'])} at the end, {env['date']}.",
+             environment_line(env, "at the end"),
              f"{settings['num_prompts']} prompts each of {', '.join(settings['tasks'])} (chat template), greedy, up "
              f"to {settings['new_tokens']} new tokens or EOS; tok/s = new tokens / wall time of the whole "
              "generation (prefill included), summed over prompts; methods interleaved prompt by prompt.", ""]

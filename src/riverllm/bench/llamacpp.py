@@ -17,7 +17,6 @@ riverllm's own dense ones.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from riverllm.bench.batch import environment, task_prompts
+from riverllm.bench.batch import bench_prompts, environment, environment_line
+from riverllm.bench.records import RecordLog
 from riverllm.errors import RiverError
 
 LLAMA_CPP = "llama.cpp"
@@ -110,16 +110,8 @@ def run_llamacpp_bench(settings: LlamaCppBenchSettings, out: Path, progress: boo
     if lm.gguf_path is None:
         raise RiverError("the llama.cpp comparison needs a GGUF model (a packaged name or a .gguf file)")
     llama = LlamaCpp(lm.gguf_path, context=2048) if LLAMA_CPP in settings.methods else None
-    prompts = [(f"{task}/{i}", prompt) for task in settings.tasks
-               for i, prompt in enumerate(task_prompts(task, settings.num_prompts))]
-    out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
-    done = {}
-    if samples_path.exists():
-        for line in samples_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[(record["threads"], record["prompt"], record["method"])] = record
+    prompts = bench_prompts(settings.tasks, settings.num_prompts)
+    log = RecordLog(out / "samples.jsonl", ("threads", "prompt", "method"))
     stop = set(lm.eos_token_ids())
     # Warm-up: builds the river and the ggml modules, touches every kernel once (not timed).
     for name in settings.methods:
@@ -128,9 +120,8 @@ def run_llamacpp_bench(settings: LlamaCppBenchSettings, out: Path, progress: boo
             lm.use_kernels(kernels)
             lm.generate(prompts[0][1], method=method, max_new_tokens=3, **options)
     todo = [(threads, key, prompt, name) for threads in settings.threads for key, prompt in prompts
-            for name in settings.methods if (threads, key, name) not in done]
-    with open(samples_path, "a", encoding="utf-8") as samples, \
-            tqdm(total=len(todo), desc="llama.cpp bench", unit="run", disable=not progress) as bar:
+            for name in settings.methods if (threads, key, name) not in log]
+    with tqdm(total=len(todo), desc="llama.cpp bench", unit="run", disable=not progress) as bar:
         for threads, key, prompt, name in todo:
             bar.set_postfix_str(f"{threads}t {key} {name}")
             torch.set_num_threads(threads)
@@ -143,13 +134,10 @@ def run_llamacpp_bench(settings: LlamaCppBenchSettings, out: Path, progress: boo
                 lm.use_kernels(kernels)
                 result = lm.generate(prompt, method=method, max_new_tokens=settings.new_tokens, **options)
                 tokens, times, exits = result.token_ids, result.token_times, result.mean_exit_layer
-            record = dict(threads=threads, prompt=key, method=name, tokens=tokens, prefill_seconds=times[0],
-                          decode_seconds=sum(times[1:]), mean_exit_layer=exits)
-            done[(threads, key, name)] = record
-            samples.write(json.dumps(record) + "\n")  # one line per record: a kill loses at most this one
-            samples.flush()
+            log.append(dict(threads=threads, prompt=key, method=name, tokens=tokens, prefill_seconds=times[0],
+                            decode_seconds=sum(times[1:]), mean_exit_layer=exits))
             bar.update()
-    return summarize(settings, [key for key, _ in prompts], done, lm.num_layers)
+    return summarize(settings, [key for key, _ in prompts], log.records, lm.num_layers)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -189,8 +177,7 @@ def summarize(settings: LlamaCppBenchSettings, keys: list[str], records: dict, n
 def llamacpp_markdown(results: dict, command: str = "") -> str:
     env, settings = results["environment"], results["settings"]
     lines = [f"# riverllm against llama.cpp: {settings['model']}", "",
-             f"torch {env['torch']}, {env['machine']}, load average "
-             f"{', '.join(f'{x:.2f}' for x in env['load_average'])} at the end, {env['date']}.",
+             environment_line(env, "at the end", threads=False),
              f"{settings['num_prompts']} prompts each of {', '.join(settings['tasks'])} (chat template), greedy, "
              f"batch 1, up to {settings['new_tokens']} new tokens or EOS. Decode tok/s = tokens after the first over "
              "their wall time (llama-bench's tg); methods interleaved prompt by prompt. `+ggml`: riverllm on "

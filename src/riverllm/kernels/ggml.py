@@ -79,12 +79,12 @@ class GGML:
         bind(cpu, "ggml_backend_cpu_init", p)
         bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, i32)
         self.backend = self.ggml_backend_cpu_init()
-        self.lock = threading.Lock()  # one backend, one work buffer: one graph at a time
+        self.lock = threading.Lock()  # one backend and work buffer, per-graph input/output buffers
 
     def compute(self, graph: int, threads: int) -> None:
-        with self.lock:
-            self.ggml_backend_cpu_set_n_threads(self.backend, threads)
-            status = self.ggml_backend_graph_compute(self.backend, graph)
+        """Run a graph (the caller holds `lock`: the backend and each graph's buffers are shared)."""
+        self.ggml_backend_cpu_set_n_threads(self.backend, threads)
+        status = self.ggml_backend_graph_compute(self.backend, graph)
         if status != 0:
             raise RiverError(f"ggml graph computation failed (status {status})")
 
@@ -121,9 +121,6 @@ class QuantMatrix:
     often a read-only view of the memory-mapped GGUF file, which ggml only reads), and its products
     with float32 activations: `matmul(x)` = x @ W.T."""
 
-    graphs: dict[int, tuple] = {}
-    buffer = None
-
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int):
         self.ggml = load()
         row_bytes = self.ggml.ggml_row_size(ggml_type, in_features)
@@ -133,13 +130,13 @@ class QuantMatrix:
                              f"got a {blocks.shape} {blocks.dtype} array")
         self.blocks, self.type = aligned(blocks), ggml_type
         self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.graphs: dict[int, tuple] = {}  # rows -> (context, graph, input, output, buffers)
         self.buffer = self.ggml.ggml_backend_cpu_buffer_from_ptr(self.blocks.ctypes.data, self.blocks.nbytes)
-        self.graphs = {}  # rows -> (context, graph, input, output, buffers), built once per shape
 
     def __del__(self):
-        for graph in self.graphs.values():
+        for graph in getattr(self, "graphs", {}).values():
             self._free(graph)
-        if self.buffer:
+        if getattr(self, "buffer", None):
             self.ggml.ggml_backend_buffer_free(self.buffer)
 
     def _free(self, graph: tuple) -> None:
@@ -159,25 +156,28 @@ class QuantMatrix:
         y = g.ggml_mul_mat(context, weight, x)
         cgraph = g.ggml_new_graph(context)
         g.ggml_build_forward_expand(cgraph, y)
-        g.ggml_backend_tensor_alloc(self.buffer, weight, self.blocks.ctypes.data)
         inputs = torch.empty(rows, self.in_features)
         outputs = torch.empty(rows, self.out_features)
-        buffers = []
-        for tensor, memory in ((x, inputs), (y, outputs)):
-            buffers.append(g.ggml_backend_cpu_buffer_from_ptr(memory.data_ptr(), memory.numel() * 4))
-            g.ggml_backend_tensor_alloc(buffers[-1], tensor, memory.data_ptr())
+        buffers = [g.ggml_backend_cpu_buffer_from_ptr(m.data_ptr(), m.numel() * 4) for m in (inputs, outputs)]
         graph = (context, cgraph, inputs, outputs, buffers)
-        if rows <= 16:  # decoding shapes recur; a prompt's length rarely does
+        placed = [g.ggml_backend_tensor_alloc(self.buffer, weight, self.blocks.ctypes.data),
+                  g.ggml_backend_tensor_alloc(buffers[0], x, inputs.data_ptr()),
+                  g.ggml_backend_tensor_alloc(buffers[1], y, outputs.data_ptr())]
+        if any(placed):
+            self._free(graph)
+            raise RiverError(f"ggml could not place a {rows}-row product's tensors (status {max(placed)})")
+        if rows <= 16:  # decoding shapes recur (they are kept); a prompt's length rarely does
             self.graphs[rows] = graph
         return graph
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        graph = self._graph(rows)
-        _, cgraph, inputs, outputs, _ = graph
-        inputs.copy_(x)
-        self.ggml.compute(cgraph, torch.get_num_threads())
-        result = outputs.clone()
-        if rows not in self.graphs:
-            self._free(graph)
+        with self.ggml.lock:
+            graph = self._graph(rows)
+            _, cgraph, inputs, outputs, _ = graph
+            inputs.copy_(x)
+            self.ggml.compute(cgraph, torch.get_num_threads())
+            result = outputs.clone()
+            if rows not in self.graphs:
+                self._free(graph)
         return result

@@ -61,6 +61,11 @@ GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o
               "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down"}
 
 
+# The GGUF architectures whose tensor layout is checked against transformers' loading (the packaged
+# SmolLM2 is llama, the Qwen2.5-Coder models qwen2; tests/test_ggml_kernels.py).
+GGML_ARCHITECTURES = ("llama", "qwen2")
+
+
 def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter interleaves the rotary halves of each Llama q/k head (its rope pairs
     neighbours); transformers undoes it. The permutation moves whole rows, and a row of ggml blocks
@@ -77,6 +82,9 @@ def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Proje
     reader = GGUFReader(str(gguf_path))
     tensors = {t.name: t for t in reader.tensors}
     architecture = str(reader.fields["general.architecture"].contents())
+    if architecture not in GGML_ARCHITECTURES:
+        raise RiverError(f"the ggml kernels run {', '.join(GGML_ARCHITECTURES)} GGUF files so far, not "
+                         f"'{architecture}' ({gguf_path.name}); use the torch kernels")
     config = engine.config
     result = []
     for index, layer in enumerate(layers):
@@ -138,8 +146,10 @@ def unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int) -
 
 
 def q4_1_linear(linear: nn.Module | None) -> nn.Module | None:
-    """A 4-bit QuantLinear on ggml Q4_1; anything else as it is."""
-    if not isinstance(linear, QuantLinear):
+    """A 4-bit QuantLinear on ggml Q4_1; anything else (other bit widths, shapes the repacking does
+    not take) as it is, on PyTorch's kernels."""
+    if not isinstance(linear, QuantLinear) or linear.bits != 4 or linear.group_size % Q4_1_BLOCK \
+            or linear.backend != "int4_cpu" or linear.out_features % 64:
         return linear
     return GGMLLinear(QuantMatrix(q4_1_blocks(linear).numpy(), GGML_Q4_1, linear.in_features), linear.bias,
                       fallback=linear)
@@ -147,8 +157,7 @@ def q4_1_linear(linear: nn.Module | None) -> nn.Module | None:
 
 def twin_projections(twins: list[Projections]) -> list[Projections]:
     """The river's twins with every 4-bit QuantLinear moved onto ggml Q4_1."""
-    convert = q4_1_linear
-    return [Projections(**{field: convert(getattr(p, field)) for field in Projections.__dataclass_fields__})
+    return [Projections(**{field: q4_1_linear(getattr(p, field)) for field in Projections.__dataclass_fields__})
             for p in twins]
 
 
