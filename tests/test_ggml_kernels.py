@@ -197,3 +197,17 @@ def test_ggml_keeps_twins_it_cannot_repack_on_torch(smollm2_ggml):
     assert not any(isinstance(t.q, GGMLLinear) for t in twins)
     assert isinstance(lm.engine.twins(lm.river(4))[0].q, GGMLLinear)
     assert len(lm.generate("Hi", method="river3:0.9", max_new_tokens=4).token_ids) == 4
+
+
+@needs_ggml
+def test_free_backbone_on_ggml_drops_the_layers_everywhere():
+    import riverllm
+
+    lm = riverllm.load("smollm2-135m", progress=False, kernels="ggml")
+    lm.free_backbone(6)
+    assert lm.engine.backbone[6] is None and lm._ggml.backbone[6] is None
+    assert lm._torch_modules[0][6] is None
+    lm.use_kernels("torch")
+    assert lm.engine.backbone[5] is not None and lm.engine.backbone[6] is None
+    result = lm.generate("Hi", method="river:0.9", max_new_tokens=4)
+    assert max(result.exit_layers) <= 6

@@ -230,6 +230,8 @@ class RiverLM:
         self.engine.free_layers(keep_layers)
         backbone, head = self._torch_modules
         self._torch_modules = ([w if i < keep_layers else None for i, w in enumerate(backbone)], head)
+        if self._ggml is not None:  # its modules hold the dropped layers' float weights as fallbacks
+            self._ggml.backbone = [w if i < keep_layers else None for i, w in enumerate(self._ggml.backbone)]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
