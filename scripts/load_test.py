@@ -484,6 +484,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model for the servers this script starts")
     parser.add_argument("--device", default=None, help="device for the servers this script starts")
     parser.add_argument("--method", default="river", help="method of the servers this script starts")
+    parser.add_argument("--kernels", default="torch", help="--kernels of the servers this script starts (torch | "
+                        "ggml); a ggml run writes MODEL_ggml.json/.md")
     parser.add_argument("--max-batch-sizes", default="1,16",
                         help="servers to start one after the other; the first is the baseline (1: FIFO)")
     parser.add_argument("--requests", type=int, default=200)
@@ -516,7 +518,8 @@ def main() -> None:
         references = None
         for size in sizes:
             port = free_port()
-            server = start_server(args.model, args.device, args.method, port, ["--max-batch-size", str(size)])
+            server = start_server(args.model, args.device, args.method, port,
+                                  ["--max-batch-size", str(size), "--kernels", args.kernels])
             try:
                 if references is None:  # the batch-1 answers, from the first (FIFO) server, alone
                     plans = plan_requests(args.requests, args.stream_share, args.cancel_share, 0,
@@ -542,6 +545,8 @@ def main() -> None:
         ok = all(not r["failures"] and r["healthy_after"] and r["references_alone_agree"] for r in result["reports"])
     if not args.no_write:
         name = args.model.replace("/", "_").removesuffix(".gguf") if args.url is None else "url"
+        if args.url is None and args.kernels != "torch":
+            name += f"_{args.kernels}"
         write_atomically(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
         if args.url is None:
             write_atomically(args.out / f"{name}.md", compare_markdown(result))

@@ -182,6 +182,9 @@ def test_stop_escapes_are_read_as_characters():
 @pytest.mark.parametrize("args, words", [
     (["inspect", "--prompt", "hi", "--plot", "/proc/no/such/dir/x.png"], ["--plot", "cannot write"]),
     (["generate", "--prompt", "hi", "--device", "meta"], ["meta", "cpu"]),
+    (["eval", "--out", "/tmp/riverllm-never-written", "--kernels", "mkl"], ["--kernels", "ggml"]),
+    (["serve", "--kernels", "mkl"], ["--kernels", "ggml"]),
+    (["serve", "--engine", "vllm", "--kernels", "ggml"], ["--kernels", "riverllm's own server"]),
 ])
 def test_bad_paths_and_devices_are_one_line_errors(tiny_dir, args, words):
     assert_one_line_error(run(*args, "--model", str(tiny_dir)), *words)

@@ -1,49 +1,17 @@
-"""The ggml kernels (riverllm.kernels): GGUF blocks and Q4_1 twins multiplied by llama.cpp's code.
-
-The repacking tests need only torch and the gguf package; the rest need llama-cpp-python (the
-`ggml` extra, which .ci/run installs)."""
+"""The ggml kernels (riverllm.kernels): GGUF blocks multiplied by llama.cpp's code. Most tests need
+llama-cpp-python (the `ggml` extra, which .ci/run installs)."""
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from torch import nn
 
 from riverllm.errors import RiverError
 from riverllm.kernels import ggml
-from riverllm.kernels.gguf_linear import q4_1_blocks, unpack_int4_cpu
 from riverllm.river.quant import QuantLinear
 
 needs_ggml = pytest.mark.skipif(not ggml.available(), reason="llama-cpp-python (the ggml extra) is not installed")
-
-
-def test_unpack_int4_cpu_recovers_the_codes():
-    codes = torch.randint(0, 16, (192, 256), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-    assert torch.equal(unpack_int4_cpu(packed, 192, 256).to(torch.int32), codes)
-
-
-def test_unpack_int4_cpu_refuses_unknown_shapes():
-    with pytest.raises(RiverError, match="multiple of 64"):
-        unpack_int4_cpu(torch.zeros(48, 64, dtype=torch.uint8), 48, 128)
-
-
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_q4_1_blocks_hold_the_twins_weights(group_size):
-    torch.manual_seed(0)
-    linear = nn.Linear(256, 128, bias=False)
-    twin = QuantLinear(linear, bits=4, group_size=group_size, optimize=False)
-    blocks = q4_1_blocks(twin).numpy()
-    restored = dequantize(blocks, GGMLQuantizationType.Q4_1).reshape(128, 256)
-    # What the int4 kernel computes with: W = (q - 8) scale + zero, in float32.
-    codes = unpack_int4_cpu(twin.packed, 128, 256).float()
-    scale = twin.scales_and_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)
-    zero = twin.scales_and_zeros[..., 1].float().t().repeat_interleave(group_size, dim=1)
-    expected = ((codes - 8) * scale + zero).numpy()
-    # Q4_1 keeps d and m in float16: each weight moves by at most 15 d + |m| float16 half-ulps.
-    bound = (15 * scale.abs() + (zero - 8 * scale).abs()).numpy() * 2.0 ** -11
-    assert (np.abs(restored - expected) <= bound + 1e-8).all()
 
 
 def smollm2_gguf():
@@ -69,6 +37,39 @@ def test_quant_matrix_matches_the_dequantized_product():
     assert cosine.min() > 0.999
     # One row alone gives the bits it gets among others (what lossless verification relies on).
     assert torch.equal(matrix.matmul(x[1:2]), got[1:2])
+
+
+def random_blocks(ggml_type: GGMLQuantizationType, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Valid blocks of any layout: random bytes, with the block's float16 scale fields set to
+    small finite values (d and dmin / m first in Q4_K and Q4_1, d last in Q6_K, d first otherwise)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block_weights, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    generator = np.random.default_rng(seed)
+    blocks = generator.integers(0, 256, (rows, columns // block_weights, block_bytes), dtype=np.uint8)
+    offsets = {GGMLQuantizationType.Q4_K: [0, 2], GGMLQuantizationType.Q4_1: [0, 2],
+               GGMLQuantizationType.Q6_K: [block_bytes - 2]}.get(ggml_type, [0])
+    for offset in offsets:
+        scale = generator.uniform(1e-3, 1e-2, blocks.shape[:2]).astype(np.float16)
+        blocks[..., offset:offset + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@needs_ggml
+@pytest.mark.parametrize("ggml_type", [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K,
+                                       GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0,
+                                       GGMLQuantizationType.Q4_1])
+def test_a_row_gets_the_same_bits_at_every_row_count(ggml_type):
+    """ggml switches K-quant products to a tiled kernel at 8+ rows unless told not to (its
+    'use_ref' mode, which riverllm sets): rows must not depend on how many come along."""
+    blocks = random_blocks(ggml_type, 64, 512)
+    matrix = ggml.QuantMatrix(blocks, int(ggml_type), 512)
+    x = torch.randn(16, 512)
+    together = matrix.matmul(x)
+    for rows in range(1, 17):
+        assert torch.equal(matrix.matmul(x[:rows]), together[:rows]), f"{rows} rows"
+    weight = torch.from_numpy(dequantize(blocks, ggml_type).reshape(64, 512).copy())
+    assert torch.nn.functional.cosine_similarity(together, x @ weight.t(), dim=-1).min() > 0.99
 
 
 @needs_ggml
@@ -147,12 +148,18 @@ def test_ggml_kernels_refuse_what_they_cannot_run(smollm2):
 
 
 def test_bench_method_variants_parse():
-    from riverllm.bench.llamacpp import split_method
+    from riverllm.bench.batch import split_method
 
     assert split_method("dense") == ("dense", "torch", {})
     assert split_method("river:0.9+ggml+head4") == ("river:0.9", "ggml", {"head_bits": 4})
     with pytest.raises(RiverError, match=r"\+fast"):
         split_method("dense+fast")
+    from riverllm.bench.batch import BatchBenchSettings, method_options
+
+    assert method_options("river:0.9@batch-min+ggml") == ("ggml", dict(method="river:0.9", exit_rule="batch-min"))
+    assert method_options("w4") == ("torch", dict(method="w4", exit_rule="per-row"))
+    with pytest.raises(RiverError, match=r"\+fast"):
+        BatchBenchSettings("smollm2-135m", methods=("river:0.9+fast",)).check()
 
 
 @needs_ggml
@@ -188,14 +195,16 @@ def test_bench_llama_cpp_needs_a_model():
 
 
 @needs_ggml
-def test_ggml_keeps_twins_it_cannot_repack_on_torch(smollm2_ggml):
-    """A 3-bit river has no Q4_1 form: its twins stay PyTorch modules and River still runs."""
+def test_ggml_leaves_the_twins_on_the_int4_kernel(smollm2_ggml):
+    """Backbone and head move onto ggml; 4- and 3-bit twins and the low-bit head keep their
+    PyTorch modules (the int4 kernel beats ggml's Q4_1 here: docs/kernels.md)."""
     from riverllm.kernels.gguf_linear import GGMLLinear
 
     lm = smollm2_ggml
-    twins = lm.engine.twins(lm.river(3))
-    assert not any(isinstance(t.q, GGMLLinear) for t in twins)
-    assert isinstance(lm.engine.twins(lm.river(4))[0].q, GGMLLinear)
+    assert isinstance(lm.engine.backbone[0].q, GGMLLinear) and isinstance(lm.engine.head_linear, GGMLLinear)
+    for bits in (4, 3):
+        assert all(isinstance(t.q, QuantLinear) for t in lm.engine.twins(lm.river(bits)))
+    assert isinstance(lm.low_bit_head(4), QuantLinear)
     assert len(lm.generate("Hi", method="river3:0.9", max_new_tokens=4).token_ids) == 4
 
 
@@ -211,3 +220,35 @@ def test_free_backbone_on_ggml_drops_the_layers_everywhere():
     assert lm.engine.backbone[5] is not None and lm.engine.backbone[6] is None
     result = lm.generate("Hi", method="river:0.9", max_new_tokens=4)
     assert max(result.exit_layers) <= 6
+
+
+@needs_ggml
+def test_batch_bench_runs_both_kernel_sets_and_checks_invariance():
+    from riverllm.bench.batch import BatchBenchSettings, run_batch_bench
+
+    settings = BatchBenchSettings("smollm2-135m", batch_sizes=(1, 2), methods=("river:0.9", "river:0.9+ggml"),
+                                  num_prompts=2, new_tokens=3, check_tokens=6)
+    report = run_batch_bench(settings, progress=False)
+    assert {(r["method"], r["batch_size"]) for r in report["rows"]} == \
+        {(m, b) for m in settings.methods for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 for r in report["rows"])
+    assert [(i["method"], i["identical"]) for i in report["invariance"]] == [("river:0.9", 2), ("river:0.9+ggml", 2)]
+
+
+@needs_ggml
+def test_eval_records_its_kernels_and_refuses_to_mix_them(smollm2_ggml, tmp_path):
+    import json
+
+    from riverllm.eval.runner import EvalConfig, run_eval
+
+    lm = smollm2_ggml
+    config = EvalConfig.parse("gsm8k", "river:0.9", tmp_path, 1, "4", metrics="none", progress=False)
+    summary = run_eval(lm, config)
+    assert json.loads((tmp_path / "run.json").read_text())["kernels"] == "ggml"
+    assert summary  # one sample scored on ggml
+    lm.use_kernels("torch")
+    try:
+        with pytest.raises(RiverError, match="kernels=ggml"):
+            run_eval(lm, config)
+    finally:
+        lm.use_kernels("ggml")

@@ -188,19 +188,15 @@ class RiverLM:
     def low_bit_head(self, bits: int) -> nn.Module:
         """A low-bit copy of the LM head (`river.low_bit_head`), built on first use and kept."""
         if bits not in self._heads:
-            head = low_bit_head(self.engine.lm_head, bits, self.quant.group_size)
-            if self.kernels == "ggml":
-                from riverllm.kernels.gguf_linear import q4_1_linear
-
-                head = q4_1_linear(head)
-            self._heads[bits] = head
+            self._heads[bits] = low_bit_head(self.engine.lm_head, bits, self.quant.group_size)
         return self._heads[bits]
 
     def use_kernels(self, kernels: str) -> None:
         """What the step multiplies with. "torch": the dequantized weights and PyTorch's kernels
         (the default, and the reference the tests compare with transformers). "ggml" (CPU, GGUF
-        models): the file's own quantized blocks and llama.cpp's kernels, the 4-bit twins and LM
-        heads repacked as Q4_1 (riverllm.kernels); activations are quantized to 8 bits per block
+        models): the backbone and the LM head on the file's own quantized blocks and llama.cpp's
+        kernels (riverllm.kernels); twins and low-bit heads stay on PyTorch's int4 kernel, which
+        is faster than ggml's 4-bit formats here. Activations are quantized to 8 bits per block
         inside ggml's products, so tokens can differ from "torch" as llama.cpp's do."""
         if kernels not in KERNELS:
             raise RiverError(f"kernels must be one of {', '.join(KERNELS)}, got '{kernels}'")
@@ -211,12 +207,11 @@ class RiverLM:
 
             if self._ggml is None:
                 self._ggml = GGMLKernels(self.gguf_path, self.engine)
-            self.engine.use_kernels(self._ggml.backbone, self._ggml.head, self._ggml.twins)
+            self.engine.use_kernels(self._ggml.backbone, self._ggml.head)
         else:
             backbone, head = self._torch_modules
-            self.engine.use_kernels(backbone, head, None)
+            self.engine.use_kernels(backbone, head)
         self.kernels = kernels
-        self._heads.clear()
 
     def free_backbone(self, keep_layers: int) -> None:
         """Drop backbone layers beyond `keep_layers` from memory; tokens then exit there at the latest.
@@ -386,13 +381,12 @@ class RiverLM:
                 raise RiverError(f"prompt_len must be in 1..{len(ids) - 1}, got {prompt_len}")
             if len(ids) > self.context_length:
                 raise RiverError(f"{len(ids)} tokens do not fit the context window of {self.context_length}")
-        if check_generation_options(method, tau).kind == "lossless":
+        if check_generation_options(method, tau, head_bits=head_bits).kind == "lossless":
             method, tau = "dense", None  # lossless decoding's output distribution is dense's, by construction
         _, policy, river = self._policy(method, tau, bits, min_exit_layer, None)
         if policy.kv_strategy != "river" and len(sequences) > 1:
             return [self.teacher_forced_batch([ids], [n], method, tau, bits, min_exit_layer, head_bits)[0]
                     for ids, n in zip(sequences, prompt_lens)]
-        check_generation_options(method, head_bits=head_bits)
         head = self.low_bit_head(head_bits) if head_bits else None
         engine = self.engine
         device = engine.device

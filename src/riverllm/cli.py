@@ -319,6 +319,7 @@ def serve(
                                         "beyond it HTTP 503"),
     keep_alive_s: float = typer.Option(5.0, "--keep-alive", help="seconds an idle keep-alive connection stays open"),
     device: Optional[str] = DeviceOption,
+    kernels: str = KernelsOption,
     engine: str = typer.Option("riverllm", "--engine", help="riverllm (this package's server) or vllm (vLLM's "
                                "OpenAI server with the River model; arguments after -- go to vLLM; docs/vllm.md)"),
 ) -> None:
@@ -326,6 +327,7 @@ def serve(
     if engine == "vllm":
         serve_vllm(context, model, host, port, method, tau, api_key, threads, bits, group_size, device)
         return
+    check_kernels(kernels)
     if engine != "riverllm":
         fail(f"--engine must be riverllm or vllm, got '{engine}'")
     if context.args:
@@ -338,7 +340,7 @@ def serve(
                               max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                               max_connections=max_connections, keep_alive_s=keep_alive_s)
     settings.check()  # fail on a bad flag or a busy port before loading the model
-    run_server(load_lm(model, device, bits, group_size), settings)
+    run_server(load_lm(model, device, bits, group_size, kernels=kernels), settings)
 
 
 def serve_vllm(context: typer.Context, model: str, host: str, port: int, method: str, tau: Optional[float],
@@ -351,7 +353,7 @@ def serve_vllm(context: typer.Context, model: str, host: str, port: int, method:
                  "kv_cache_tokens": "--kv-cache-tokens (vLLM: VLLM_CPU_KVCACHE_SPACE=GiB)",
                  "max_body_bytes": "--max-body-bytes", "max_prompt_tokens": "--max-prompt-tokens (vLLM: -- "
                  "--max-model-len N)", "max_connections": "--max-connections", "keep_alive_s": "--keep-alive",
-                 "device": "--device"}
+                 "device": "--device", "kernels": "--kernels"}
     source = click_source(context)
     given = [flag for name, flag in own_flags.items() if source(name)]
     if given:
@@ -389,15 +391,17 @@ def eval_command(
                                      "the OS sandbox is unavailable (docs/security.md): only on a machine you "
                                      "can throw away"),
     device: Optional[str] = DeviceOption,
+    kernels: str = KernelsOption,
 ) -> None:
     """Measure accuracy and speed of every method on real tasks; writes report.md, summary.json and plots."""
     from riverllm.eval.report import markdown_table
     from riverllm.eval.runner import EvalConfig, run_eval
 
+    check_kernels(kernels)
     config = EvalConfig.parse(tasks, methods, out, limit, max_new_tokens, metrics, ppl_tokens=ppl_tokens,
                               ppl_window=ppl_window, seed=seed, progress=not quiet,
                               unsafe_exec=unsafe_exec, batch_size=batch_size)
-    summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet), config)
+    summary = run_eval(load_lm(model, device, bits, group_size, quiet=quiet, kernels=kernels), config)
     typer.echo(markdown_table(summary))
     typer.echo(f"report written to {out / 'report.md'}", err=True)
 

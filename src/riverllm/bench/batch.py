@@ -44,12 +44,30 @@ class BatchBenchSettings:
             raise RiverError("--new-tokens must be at least 2")
         if self.prompts not in ("gsm8k", "humaneval"):
             raise RiverError(f"with --batch-sizes, --prompts must be gsm8k or humaneval, got '{self.prompts}'")
+        for name in self.methods:
+            method_options(name)
 
 
-def method_options(name: str) -> dict:
-    """'river:0.9@batch-min' -> generate options (method, exit_rule)."""
-    method, _, rule = name.partition("@")
-    return {"method": method, "exit_rule": rule or "per-row"}
+VARIANTS = {"ggml": ("kernels", "ggml"), "head4": ("head_bits", 4)}
+
+
+def split_method(name: str) -> tuple[str, str, dict]:
+    """"river:0.9+ggml+head4" -> ("river:0.9", "ggml", {"head_bits": 4}); "dense" -> ("dense", "torch", {})."""
+    method, *variants = name.split("+")
+    options = {}
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise RiverError(f"unknown method variant '+{variant}' in '{name}' (known: +ggml, +head4)")
+        key, value = VARIANTS[variant]
+        options[key] = value
+    return method, options.pop("kernels", "torch"), options
+
+
+def method_options(name: str) -> tuple[str, dict]:
+    """'river:0.9@batch-min+ggml' -> ("ggml", generate options: method, exit_rule, ...)."""
+    base, kernels, options = split_method(name)
+    method, _, rule = base.partition("@")
+    return kernels, dict(method=method, exit_rule=rule or "per-row", **options)
 
 
 def task_prompts(kind: str, count: int) -> list:
@@ -81,19 +99,22 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
     lm = riverllm.load(settings.model, progress=progress)
     prompts = task_prompts(settings.prompts, settings.num_prompts)
     for name in settings.methods:
-        options = method_options(name)
+        kernels, options = method_options(name)
+        lm.use_kernels(kernels)
         lm.generate(prompts[0], max_new_tokens=2, **options)  # builds the river, warms the kernels up
 
     rows = []
     total = len(settings.methods) * len(settings.batch_sizes)
     with tqdm(total=total, desc="batch bench", unit="run", disable=not progress) as bar:
         for name in settings.methods:
+            kernels, options = method_options(name)
+            lm.use_kernels(kernels)
             for size in settings.batch_sizes:
                 bar.set_postfix_str(f"{name} x{size}")
                 rates, exits = [], []
                 for start in range(0, len(prompts) - size + 1, size):
                     results = lm.generate_batch(prompts[start:start + size], max_new_tokens=settings.new_tokens,
-                                                ignore_eos=True, **method_options(name))
+                                                ignore_eos=True, **options)
                     seconds, tokens = decode_rate(results)
                     rates.append(tokens / seconds)
                     exits += [e for r in results for e in r.exit_layers[1:]]
@@ -109,7 +130,9 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
     if settings.check_tokens:
         size = max(settings.batch_sizes)
         for name in [m for m in settings.methods if "batch-min" not in m]:
-            options = dict(max_new_tokens=settings.check_tokens, **method_options(name))
+            kernels, options = method_options(name)
+            lm.use_kernels(kernels)
+            options["max_new_tokens"] = settings.check_tokens
             alone = [lm.generate(p, **options) for p in tqdm(prompts, desc=f"alone {name}", disable=not progress)]
             batched = []
             for start in range(0, len(prompts), size):

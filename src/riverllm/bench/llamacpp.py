@@ -4,7 +4,7 @@ A CPU user's real alternative to riverllm is llama.cpp. This bench decodes the s
 (HumanEval and GSM8K, chat template, greedy, batch 1) with llama.cpp (through llama-cpp-python,
 the `ggml` extra, which builds it for this CPU) and with riverllm's methods on both of its kernel
 sets: "torch" (the GGUF dequantized, PyTorch's kernels) and "ggml" (the GGUF's own blocks,
-llama.cpp's kernels, twins as Q4_1). A method is written `METHOD`, `METHOD+ggml`, and with
+llama.cpp's kernels; the twins stay on PyTorch's int4 kernel). A method is written `METHOD`, `METHOD+ggml`, and with
 `+head4` for a 4-bit LM head (`--head-bits 4`), e.g. `river:0.9+ggml+head4`.
 
 Speed is decode tok/s: tokens after the first over their wall time (the first token pays the
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from riverllm.bench.batch import bench_prompts, environment, environment_line
+from riverllm.bench.batch import bench_prompts, environment, environment_line, split_method
 from riverllm.bench.records import RecordLog
 from riverllm.errors import RiverError
 
@@ -51,21 +51,6 @@ class LlamaCppBenchSettings:
         for name in self.methods:
             if name != LLAMA_CPP:
                 Method.parse(split_method(name)[0])
-
-
-VARIANTS = {"ggml": ("kernels", "ggml"), "head4": ("head_bits", 4)}
-
-
-def split_method(name: str) -> tuple[str, str, dict]:
-    """"river:0.9+ggml+head4" -> ("river:0.9", "ggml", {"head_bits": 4}); "dense" -> ("dense", "torch", {})."""
-    method, *variants = name.split("+")
-    options = {}
-    for variant in variants:
-        if variant not in VARIANTS:
-            raise RiverError(f"unknown method variant '+{variant}' in '{name}' (known: +ggml, +head4)")
-        key, value = VARIANTS[variant]
-        options[key] = value
-    return method, options.pop("kernels", "torch"), options
 
 
 class LlamaCpp:
@@ -181,7 +166,7 @@ def llamacpp_markdown(results: dict, command: str = "") -> str:
              f"{settings['num_prompts']} prompts each of {', '.join(settings['tasks'])} (chat template), greedy, "
              f"batch 1, up to {settings['new_tokens']} new tokens or EOS. Decode tok/s = tokens after the first over "
              "their wall time (llama-bench's tg); methods interleaved prompt by prompt. `+ggml`: riverllm on "
-             "ggml's kernels over the GGUF's own blocks (twins as Q4_1); without it, PyTorch's kernels over the "
+             "ggml's kernels over the GGUF's own blocks (twins on PyTorch's int4 kernel); without it, PyTorch's kernels over the "
              "dequantized float32 weights.", ""]
     if command:
         lines += ["```", command, "```", ""]

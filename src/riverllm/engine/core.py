@@ -28,7 +28,6 @@ engine and replaces only `run_layer` and `head` with replayed graphs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,10 +87,9 @@ class RiverEngine:
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb
         self.lm_head = model.lm_head
-        # What `head` multiplies with and how twins are wrapped: the model's own modules, unless
-        # `use_kernels` moved them onto other kernels (riverllm.kernels: ggml on quantized blocks).
+        # What `head` multiplies with: the model's own module, unless `use_kernels` moved it onto
+        # other kernels (riverllm.kernels: ggml on quantized blocks).
         self.head_linear: nn.Module = model.lm_head
-        self.twin_kernels: Callable[[list[Projections]], list[Projections]] | None = None
         self.num_layers = len(self.layers)
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self.layer_types = self._layer_types()
@@ -138,18 +136,14 @@ class RiverEngine:
         entry = self._twins.get(id(river))
         if entry is None or entry[0] is not river:
             projections = [Projections.of(twin) for twin in river]
-            if self.twin_kernels is not None:
-                projections = self.twin_kernels(projections)
             entry = self._twins[id(river)] = (river, projections)
         return entry[1]
 
-    def use_kernels(self, backbone: list[Projections | None], head: nn.Module,
-                    twin_kernels: Callable[[list[Projections]], list[Projections]] | None) -> None:
-        """Swap the modules the step multiplies with (same weights, other kernels). Freed backbone
-        layers stay freed."""
+    def use_kernels(self, backbone: list[Projections | None], head: nn.Module) -> None:
+        """Swap the backbone and head modules the step multiplies with (same weights, other
+        kernels). Freed backbone layers stay freed."""
         self.backbone = [None if old is None else new for old, new in zip(self.backbone, backbone)]
-        self.head_linear, self.twin_kernels = head, twin_kernels
-        self._twins.clear()
+        self.head_linear = head
 
     # --- what a step sees -------------------------------------------------------------------------
 

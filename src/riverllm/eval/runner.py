@@ -191,8 +191,8 @@ def check_settings(out_dir: Path, settings: dict) -> dict:
         write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
         return settings
     saved = json.loads(path.read_text())
-    for key in ("model", "bits", "group_size", "device", "dtype"):
-        if saved.get(key) != settings[key]:
+    for key in ("model", "bits", "group_size", "device", "dtype", "kernels"):
+        if saved.get(key, "torch" if key == "kernels" else None) != settings[key]:  # runs before kernels: torch
             raise RiverError(f"{out_dir} holds a run with {key}={saved.get(key)}, not {settings[key]}: "
                              "pass another --out, or delete that directory to start over")
     for task, task_settings in settings["tasks"].items():
@@ -218,7 +218,8 @@ def run_eval(lm: RiverLM, config: EvalConfig) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     settings = check_settings(config.out_dir, {
         "model": lm.name, "num_layers": lm.num_layers, "bits": lm.quant.bits, "group_size": lm.quant.group_size,
-        "device": str(lm.engine.device), "dtype": str(lm.engine.dtype).removeprefix("torch."), "tasks": task_settings,
+        "device": str(lm.engine.device), "dtype": str(lm.engine.dtype).removeprefix("torch."), "kernels": lm.kernels,
+        "tasks": task_settings,
     })
     samples = {name: task.samples(config.limit, config.seed, config.progress) for name, task in tasks.items()}
 

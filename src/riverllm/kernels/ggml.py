@@ -78,7 +78,14 @@ class GGML:
         bind(base, "ggml_backend_graph_compute", i32, p, p)
         bind(cpu, "ggml_backend_cpu_init", p)
         bind(cpu, "ggml_backend_cpu_set_n_threads", None, p, i32)
+        bind(cpu, "ggml_backend_cpu_set_use_ref", None, p, ctypes.c_bool)
         self.backend = self.ggml_backend_cpu_init()
+        # One kernel per matrix type whatever the row count, so that a row's result never depends
+        # on what it is batched with. ggml's CPU backend switches K-quant products (Q4_K, Q6_K...)
+        # to a tiled kernel at 8 or more rows, whose sums round differently from its 1-7 row
+        # kernel; "use_ref" keeps the row-by-row kernel (and llamafile's GEMMs for Q8_0/Q5_0/Q4_0,
+        # which are row-independent at any count). Costs ~2x on K-quant matrices at 16 rows.
+        self.ggml_backend_cpu_set_use_ref(self.backend, True)
         self.lock = threading.Lock()  # one backend and work buffer, per-graph input/output buffers
 
     def compute(self, graph: int, threads: int) -> None:

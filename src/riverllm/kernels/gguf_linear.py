@@ -1,12 +1,15 @@
-"""Linear layers that compute with ggml on quantized blocks: the GGUF backbone as stored, and the
-river's int4 twins repacked as ggml Q4_1.
+"""Linear layers that compute with ggml on quantized blocks: the GGUF backbone and LM head as stored.
 
 `backbone_projections(gguf_path, engine)` reads each decoder layer's projection matrices straight
 from the GGUF file (memory-mapped, never dequantized) and returns the engine's `Projections` with
-`GGMLLinear` modules in place of the dequantized `nn.Linear`s. `twin_projections(twins)` does the
-same for a river: HQQ's int4 codes with a scale s and zero z per group of 64 are W = (q - z) s,
-which is exactly ggml's Q4_1 (W = q d + m per block of 32) with d = s and m = -z s, the pair
-repeated for both halves of a group.
+`GGMLLinear` modules in place of the dequantized `nn.Linear`s; `head_linear` does the same for the
+LM head.
+
+The river's 4-bit twins stay on PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`). Their HQQ
+codes repack exactly as ggml Q4_1 (d = s, m = -z s), and an earlier version did that, but measured
+on the 0.5B Qwen (docs/kernels.md) Q4_1 lost everywhere: a 151,936-row 4-bit head took 15.3 ms per
+token on Q4_1 and 10.7 ms on the int4 kernel, 105 vs 60 ms at 16 rows, and river:0.9 decoded at
+13.8 tok/s with Q4_1 twins against 17.2 with int4 ones (batch 16: 41.8 vs 57.1).
 """
 
 from __future__ import annotations
@@ -17,10 +20,7 @@ from torch import nn
 
 from riverllm.engine.block import Projections
 from riverllm.errors import RiverError
-from riverllm.kernels.ggml import GGML_Q4_1, QuantMatrix
-from riverllm.river.quant import QuantLinear
-
-Q4_1_BLOCK = 32
+from riverllm.kernels.ggml import QuantMatrix
 
 
 class GGMLLinear(nn.Module):
@@ -111,56 +111,6 @@ def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Proje
     return result
 
 
-def q4_1_blocks(linear: QuantLinear) -> torch.Tensor:
-    """A 4-bit QuantLinear's weights as ggml Q4_1 blocks (uint8 [out, in / 32 * 20])."""
-    if linear.bits != 4 or linear.group_size % Q4_1_BLOCK or linear.backend != "int4_cpu":
-        raise RiverError(f"only 4-bit twins on the CPU int4 kernel repack for ggml, not {linear.extra_repr()}")
-    out_features, in_features = linear.out_features, linear.in_features
-    codes = unpack_int4_cpu(linear.packed, out_features, in_features)
-    # scales_and_zeros [in / group, out, 2] (bf16): W = (q - 8) scale + zero, so d = scale and
-    # m = zero - 8 scale, as the int4 kernel itself computes them (in float32).
-    scale = linear.scales_and_zeros[..., 0].float().t()
-    offset = linear.scales_and_zeros[..., 1].float().t() - 8 * scale
-    per_block = linear.group_size // Q4_1_BLOCK
-    d = scale.repeat_interleave(per_block, dim=1).to(torch.float16)
-    m = offset.repeat_interleave(per_block, dim=1).to(torch.float16)
-    q = codes.reshape(out_features, -1, Q4_1_BLOCK).to(torch.uint8)
-    qs = q[..., :16] | (q[..., 16:] << 4)  # element j in the low nibble of byte j, j + 16 in the high
-    blocks = torch.cat([d.view(torch.uint8).reshape(out_features, -1, 2), m.view(torch.uint8).reshape(out_features, -1, 2),
-                        qs], dim=-1)
-    return blocks.reshape(out_features, -1).contiguous()
-
-
-def unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The codes q [out, in] behind `torch._convert_weight_to_int4pack_for_cpu(q, 2)`: per block of
-    64 output rows, for each input column, 32 bytes whose low nibbles are rows 0..31 and high
-    nibbles rows 32..63. The layout is torch's and undocumented, so the result is checked by
-    packing it again."""
-    if out_features % 64:
-        raise RiverError(f"cannot repack an int4 layer with {out_features} output rows (not a multiple of 64)")
-    grouped = packed.reshape(out_features // 64, in_features, 32)
-    codes = torch.cat([grouped & 15, grouped >> 4], dim=2).permute(0, 2, 1).reshape(out_features, in_features)
-    if not torch.equal(torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2), packed):
-        raise RiverError("this torch packs int4 weights in a layout riverllm does not know; the ggml twins are off")
-    return codes
-
-
-def q4_1_linear(linear: nn.Module | None) -> nn.Module | None:
-    """A 4-bit QuantLinear on ggml Q4_1; anything else (other bit widths, shapes the repacking does
-    not take) as it is, on PyTorch's kernels."""
-    if not isinstance(linear, QuantLinear) or linear.bits != 4 or linear.group_size % Q4_1_BLOCK \
-            or linear.backend != "int4_cpu" or linear.out_features % 64:
-        return linear
-    return GGMLLinear(QuantMatrix(q4_1_blocks(linear).numpy(), GGML_Q4_1, linear.in_features), linear.bias,
-                      fallback=linear)
-
-
-def twin_projections(twins: list[Projections]) -> list[Projections]:
-    """The river's twins with every 4-bit QuantLinear moved onto ggml Q4_1."""
-    return [Projections(**{field: q4_1_linear(getattr(p, field)) for field in Projections.__dataclass_fields__})
-            for p in twins]
-
-
 def head_linear(gguf_path, hidden_size: int) -> GGMLLinear:
     """The LM head from the GGUF: `output.weight`, or the token embedding where the two are tied."""
     from gguf import GGUFReader
@@ -173,13 +123,9 @@ def head_linear(gguf_path, hidden_size: int) -> GGMLLinear:
 
 
 class GGMLKernels:
-    """Everything a decoding step multiplies with, on ggml: the backbone's projections and the LM
-    head as the GGUF stores them, and a converter that moves a river's twins onto Q4_1."""
+    """What a decoding step multiplies with on ggml: the backbone's projections and the LM head as
+    the GGUF stores them (the twins keep their int4 modules)."""
 
     def __init__(self, gguf_path, engine):
         self.backbone = backbone_projections(gguf_path, engine, engine.layers)
         self.head = head_linear(gguf_path, engine.config.hidden_size)
-
-    @staticmethod
-    def twins(projections: list[Projections]) -> list[Projections]:
-        return twin_projections(projections)
