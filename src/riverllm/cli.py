@@ -448,7 +448,8 @@ def bench(
                                               "batch sizes (e.g. 1,4,8,16) and a batch-invariance check, instead "
                                               "of the batch-1 comparison"),
     methods: Optional[str] = typer.Option(None, "--methods", help="with --batch-sizes: methods (default dense,w4,"
-                                          "river:0.9,river:0.9@batch-min; @batch-min: the paper's batch exit rule); "
+                                          "river:0.9,river:0.9@batch-min; @batch-min: the paper's batch exit rule; "
+                                          "+ggml: on the ggml kernels, e.g. river:0.9+ggml); "
                                           "with --exact: methods (default dense,river:0.9,lossless:0.9,hf,hf-lookup; "
                                           "also hf-assisted:MODEL)"),
     exact: bool = typer.Option(False, "--exact", help="with --model: exact decoding side by side (dense, lossless, "
