@@ -4,8 +4,8 @@ A CPU user's real alternative to riverllm is llama.cpp. This bench decodes the s
 (HumanEval and GSM8K, chat template, greedy, batch 1) with llama.cpp (through llama-cpp-python,
 the `ggml` extra, which builds it for this CPU) and with riverllm's methods on both of its kernel
 sets: "torch" (the GGUF dequantized, PyTorch's kernels) and "ggml" (the GGUF's own blocks,
-llama.cpp's kernels; the twins stay on PyTorch's int4 kernel). A method is written `METHOD`, `METHOD+ggml`, and with
-`+head4` for a 4-bit LM head (`--head-bits 4`), e.g. `river:0.9+ggml+head4`.
+llama.cpp's kernels; the twins stay on PyTorch's int4 kernel). A method is written `METHOD`,
+`METHOD+ggml`, and with `+head4` for a 4-bit LM head (`--head-bits 4`), e.g. `river:0.9+ggml+head4`.
 
 Speed is decode tok/s: tokens after the first over their wall time (the first token pays the
 prefill, which is reported apart), the figure llama.cpp's `llama-bench` calls tg. Every thread
@@ -166,8 +166,8 @@ def llamacpp_markdown(results: dict, command: str = "") -> str:
              f"{settings['num_prompts']} prompts each of {', '.join(settings['tasks'])} (chat template), greedy, "
              f"batch 1, up to {settings['new_tokens']} new tokens or EOS. Decode tok/s = tokens after the first over "
              "their wall time (llama-bench's tg); methods interleaved prompt by prompt. `+ggml`: riverllm on "
-             "ggml's kernels over the GGUF's own blocks (twins on PyTorch's int4 kernel); without it, PyTorch's kernels over the "
-             "dequantized float32 weights.", ""]
+             "ggml's kernels over the GGUF's own blocks (twins on PyTorch's int4 kernel); without it, PyTorch's "
+             "kernels over the dequantized float32 weights.", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += ["| threads | method | decode tok/s | vs llama.cpp | prefill s (median) | identical to llama.cpp | "
