@@ -190,9 +190,9 @@ def check_settings(out_dir: Path, settings: dict) -> dict:
     if not path.exists():
         write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
         return settings
-    saved = json.loads(path.read_text())
+    saved = {"kernels": "torch", **json.loads(path.read_text())}  # runs from before --kernels used torch's
     for key in ("model", "bits", "group_size", "device", "dtype", "kernels"):
-        if saved.get(key, "torch" if key == "kernels" else None) != settings[key]:  # runs before kernels: torch
+        if saved.get(key) != settings[key]:
             raise RiverError(f"{out_dir} holds a run with {key}={saved.get(key)}, not {settings[key]}: "
                              "pass another --out, or delete that directory to start over")
     for task, task_settings in settings["tasks"].items():

@@ -126,7 +126,7 @@ def aligned(array: np.ndarray) -> np.ndarray:
 class QuantMatrix:
     """A weight matrix [out, in] in one of ggml's formats, as raw blocks (uint8 [out, row_bytes]:
     often a read-only view of the memory-mapped GGUF file, which ggml only reads), and its products
-    with float32 activations: `matmul(x)` = x @ W.T."""
+    with activations of any float dtype (copied into a float32 buffer): `matmul(x)` = x @ W.T."""
 
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int):
         self.ggml = load()
