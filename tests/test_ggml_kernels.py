@@ -197,15 +197,43 @@ def test_bench_llama_cpp_needs_a_model():
 @needs_ggml
 def test_ggml_leaves_the_twins_on_the_int4_kernel(smollm2_ggml):
     """Backbone and head move onto ggml; 4- and 3-bit twins and the low-bit head keep their
-    PyTorch modules (the int4 kernel beats ggml's Q4_1 here: docs/kernels.md)."""
+    PyTorch modules for decoding (the int4 kernel beats ggml's Q4_1 here: docs/kernels.md).
+    Prompts take copies of the same weights in PyTorch's fastest dtype, backbone and twins alike."""
+    from riverllm.cpu import fast_cpu_dtype
     from riverllm.kernels.gguf_linear import GGMLLinear
+    from riverllm.kernels.prompts import PromptSplit
 
     lm = smollm2_ggml
-    assert isinstance(lm.engine.backbone[0].q, GGMLLinear) and isinstance(lm.engine.head_linear, GGMLLinear)
+    dtype = fast_cpu_dtype()
+    q = lm.engine.backbone[0].q
+    assert isinstance(q, PromptSplit) and isinstance(q.step, GGMLLinear) and isinstance(lm.engine.head_linear, GGMLLinear)
+    assert torch.equal(q.prompt.weight, lm.engine.layers[0].self_attn.q_proj.weight.to(dtype))
     for bits in (4, 3):
-        assert all(isinstance(t.q, QuantLinear) for t in lm.engine.twins(lm.river(bits)))
+        twins = lm.engine.twins(lm.river(bits))
+        assert all(isinstance(t.q, PromptSplit) and isinstance(t.q.step, QuantLinear) for t in twins)
+        assert twins[0].q.step is lm.river(bits)[0].self_attn.q_proj
+        assert torch.equal(twins[0].down.prompt.weight, twins[0].down.step.dequantized_weight().to(dtype))
+        assert lm.engine.twins(lm.river(bits))[0] is twins[0]  # built once per river
     assert isinstance(lm.low_bit_head(4), QuantLinear)
     assert len(lm.generate("Hi", method="river3:0.9", max_new_tokens=4).token_ids) == 4
+    lm.use_kernels("torch")
+    try:
+        assert isinstance(lm.engine.twins(lm.river(4))[0].q, QuantLinear)
+    finally:
+        lm.use_kernels("ggml")
+
+
+def test_prompt_split_sends_prompts_to_the_copy_and_steps_to_the_kernel():
+    from riverllm.kernels.prompts import PromptSplit, prompt_copy
+
+    torch.manual_seed(0)
+    twin = QuantLinear(torch.nn.Linear(128, 64), 4, 64)
+    split = PromptSplit(twin, prompt_copy(twin))
+    prompt, step = torch.randn(2, 5, 128), torch.randn(3, 1, 128)
+    assert torch.equal(split(step), twin(step))
+    expected = split.prompt(prompt.to(split.prompt.weight.dtype)).to(prompt.dtype)
+    assert torch.equal(split(prompt), expected) and not torch.equal(split(prompt), twin(prompt))
+    assert split.weight_bytes() == twin.weight_bytes()
 
 
 @needs_ggml

@@ -44,3 +44,38 @@ def test_blockwise_twins_decode_like_whole_matrix_twins():
     reference = linear(x)
     old, new = (whole(x) - reference).norm() / reference.norm(), (blocks(x) - reference).norm() / reference.norm()
     assert new <= old * 1.02 + 1e-4
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (256, 128)])
+def test_dequantized_weight_is_what_the_int4_kernel_computes_with(shape, tmp_path):
+    """The dense weight a twin reports (what prompt copies under --kernels ggml are made of):
+    rounded to bfloat16 it equals the int4 kernel applied to an identity matrix, bit for bit,
+    both for a freshly built twin and for one started from the river cache (its codes read back)."""
+    from riverllm.river.build import QuantConfig, build_river
+
+    torch.manual_seed(0)
+    out_features, in_features = shape
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Module()  # keyed LAYER.MODULE.NAME in the cache, as a decoder layer's linears
+    layer.mlp.proj = torch.nn.Linear(in_features, out_features)
+    layers = torch.nn.ModuleList([layer])
+    fresh = build_river(layers, QuantConfig(4, 64), cache_dir=tmp_path)[0].mlp.proj
+    cached = build_river(layers, QuantConfig(4, 64), cache_dir=tmp_path)[0].mlp.proj
+    assert fresh.backend == "int4_cpu" and fresh.hqq_state is not None and cached.hqq_state is None
+    eye = torch.eye(in_features, dtype=torch.bfloat16)
+    for twin in (fresh, cached):
+        through_kernel = twin._int4_matmul(eye).t()
+        assert torch.equal(twin.dequantized_weight().to(torch.bfloat16), through_kernel)
+    x = torch.randn(4, in_features)
+    assert torch.allclose(torch.nn.functional.linear(x, fresh.dequantized_weight(), fresh.bias), fresh(x),
+                          atol=0.03, rtol=0.02)  # the kernel rounds x to bfloat16
+
+
+def test_dequantized_weight_of_a_3_bit_twin_is_hqqs():
+    from riverllm.river.quant import QuantLinear
+
+    torch.manual_seed(0)
+    twin = QuantLinear(torch.nn.Linear(128, 64), 3, 64)
+    codes, meta = twin.hqq_codes()
+    assert twin.backend == "dequant"
+    assert torch.equal(twin.dequantized_weight(), Quantizer.dequantize(codes, meta).reshape(64, 128).float())

@@ -196,7 +196,8 @@ class RiverLM:
         (the default, and the reference the tests compare with transformers). "ggml" (CPU, GGUF
         models): the backbone and the LM head on the file's own quantized blocks and llama.cpp's
         kernels (riverllm.kernels); twins and low-bit heads stay on PyTorch's int4 kernel, which
-        is faster than ggml's 4-bit formats here. Activations are quantized to 8 bits per block
+        is faster than ggml's 4-bit formats here; prompts run on bfloat16 copies of the backbone
+        and twin weights (PyTorch GEMMs), built when first needed. Activations are quantized to 8 bits per block
         inside ggml's products, so tokens can differ from "torch" as llama.cpp's do."""
         if kernels not in KERNELS:
             raise RiverError(f"kernels must be one of {', '.join(KERNELS)}, got '{kernels}'")
@@ -207,7 +208,7 @@ class RiverLM:
 
             if self._ggml is None:
                 self._ggml = GGMLKernels(self.gguf_path, self.engine)
-            self.engine.use_kernels(self._ggml.backbone, self._ggml.head)
+            self.engine.use_kernels(self._ggml.backbone, self._ggml.head, self._ggml.twins)
         else:
             backbone, head = self._torch_modules
             self.engine.use_kernels(backbone, head)

@@ -24,7 +24,7 @@ A weight set that no row needs is not read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,11 @@ class Projections:
                    qkv=getattr(attn, "qkv_proj", None), o=attn.o_proj,
                    gate=getattr(mlp, "gate_proj", None), up=getattr(mlp, "up_proj", None),
                    gate_up=getattr(mlp, "gate_up_proj", None), down=mlp.down_proj)
+
+    def map(self, function) -> "Projections":
+        """The same projections, each one passed through `function` (None stays None)."""
+        return Projections(**{f.name: None if getattr(self, f.name) is None else function(getattr(self, f.name))
+                              for f in fields(self)})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,7 @@ class RiverEngine:
         first = self.blocks[0]
         self.kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         self._twins: dict[int, tuple[nn.ModuleList, list[Projections]]] = {}
+        self.twin_kernels: Callable[[nn.ModuleList], list[Projections]] | None = None  # see use_kernels
 
     def _layer_types(self) -> list[str]:
         types = getattr(self.config, "layer_types", None)
@@ -133,17 +135,22 @@ class RiverEngine:
                        track_filled)
 
     def twins(self, river: nn.ModuleList) -> list[Projections]:
+        if self.twin_kernels is not None:
+            return self.twin_kernels(river)
         entry = self._twins.get(id(river))
         if entry is None or entry[0] is not river:
             projections = [Projections.of(twin) for twin in river]
             entry = self._twins[id(river)] = (river, projections)
         return entry[1]
 
-    def use_kernels(self, backbone: list[Projections | None], head: nn.Module) -> None:
+    def use_kernels(self, backbone: list[Projections | None], head: nn.Module,
+                    twins: Callable[[nn.ModuleList], list[Projections]] | None = None) -> None:
         """Swap the backbone and head modules the step multiplies with (same weights, other
-        kernels). Freed backbone layers stay freed."""
+        kernels), and with `twins` what a river's twins multiply with (default: their own
+        modules). Freed backbone layers stay freed."""
         self.backbone = [None if old is None else new for old, new in zip(self.backbone, backbone)]
         self.head_linear = head
+        self.twin_kernels = twins
 
     # --- what a step sees -------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ from the GGUF file (memory-mapped, never dequantized) and returns the engine's `
 `GGMLLinear` modules in place of the dequantized `nn.Linear`s; `head_linear` does the same for the
 LM head.
 
+Each of them is wrapped in a `PromptSplit` (prompts.py): prompts run on a bfloat16 copy of the
+same weights, decoding steps on ggml.
+
 The river's 4-bit twins stay on PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`). Their HQQ
 codes repack exactly as ggml Q4_1 (d = s, m = -z s), and an earlier version did that, but measured
 on the 0.5B Qwen (docs/kernels.md) Q4_1 lost everywhere: a 151,936-row 4-bit head took 15.3 ms per
@@ -14,40 +17,29 @@ token on Q4_1 and 10.7 ms on the int4 kernel, 105 vs 60 ms at 16 rows, and river
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
 
-from riverllm.cpu import fast_cpu_dtype
 from riverllm.engine.block import Projections
 from riverllm.errors import RiverError
 from riverllm.kernels.ggml import QuantMatrix
+from riverllm.kernels.prompts import with_prompt_copy
 
 
 class GGMLLinear(nn.Module):
     """y = x W^T + b, W held as ggml blocks. Activations of any float dtype; computes in float32
-    (ggml quantizes them to 8 bits per block of 32 for the integer dot products).
+    (ggml quantizes them to 8 bits per block of 32 for the integer dot products). ggml's products
+    are matrix-vector kernels, for decoding steps: the backbone's are wrapped so that prompts take
+    a PyTorch copy instead (prompts.py)."""
 
-    `fallback`: the same weights as a PyTorch nn.Linear, for prompts (inputs [batch, new > 1, in]),
-    in the dtype PyTorch multiplies fastest on this CPU (`prompt_linear`). ggml's products are
-    matrix-vector kernels: over a whole prompt they are up to 3x slower than PyTorch's float32
-    GEMMs on the dequantized weights, and 10x slower than its bfloat16 ones where the CPU has
-    them (measured in docs/kernels.md). Decoding steps, lossless verification (one row per token)
-    and batches of any size stay on ggml, so a row's result never depends on what it is batched
-    with."""
-
-    def __init__(self, matrix: QuantMatrix, bias: torch.Tensor | None, fallback: nn.Module | None = None):
+    def __init__(self, matrix: QuantMatrix, bias: torch.Tensor | None):
         super().__init__()
         self.matrix = matrix
         self.in_features, self.out_features = matrix.in_features, matrix.out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.fallback = fallback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fallback is not None and x.dim() == 3 and x.shape[1] > 1:
-            return self.fallback(x.to(self.fallback.weight.dtype)).to(x.dtype)
         y = self.matrix.matmul(x.reshape(-1, self.in_features))  # ggml's float32 input buffer converts
         if self.bias is not None:
             y += self.bias
@@ -77,16 +69,6 @@ def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     is a row of weights, so it undoes on the quantized bytes too."""
     dim = rows.shape[0] // heads // 2
     return rows.reshape(heads, dim, 2, rows.shape[1]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def prompt_linear(linear: nn.Linear) -> nn.Linear:
-    """The module prompts run on under ggml: the loaded weights, copied to bfloat16 where this CPU
-    multiplies bfloat16 natively (AVX512-BF16 / AMX: 4-5x faster GEMMs than float32 over a
-    150-token prompt of the 0.5B Qwen). Only prompts use it: every decoding step is ggml's."""
-    dtype = fast_cpu_dtype()
-    if linear.weight.dtype == dtype:
-        return linear
-    return copy.deepcopy(linear).to(dtype).requires_grad_(False)
 
 
 def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Projections]:
@@ -121,7 +103,7 @@ def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Proje
                 heads = config.num_attention_heads if field == "q" else config.num_key_value_heads
                 rows = _unpermute_rows(rows, heads)
             matrix = QuantMatrix(np.ascontiguousarray(rows), int(tensor.tensor_type), linear.in_features)
-            modules[field] = GGMLLinear(matrix, linear.bias, fallback=prompt_linear(linear))
+            modules[field] = with_prompt_copy(GGMLLinear(matrix, linear.bias), linear)
         result.append(Projections(**modules))
     return result
 
@@ -138,9 +120,18 @@ def head_linear(gguf_path, hidden_size: int) -> GGMLLinear:
 
 
 class GGMLKernels:
-    """What a decoding step multiplies with on ggml: the backbone's projections and the LM head as
-    the GGUF stores them (the twins keep their int4 modules)."""
+    """What a step multiplies with under `--kernels ggml`: the backbone's projections and the LM
+    head as the GGUF stores them, on ggml; the twins on their int4 modules for decoding and on
+    bfloat16 copies for prompts (`twins`, built the first time a river is used)."""
 
     def __init__(self, gguf_path, engine):
         self.backbone = backbone_projections(gguf_path, engine, engine.layers)
         self.head = head_linear(gguf_path, engine.config.hidden_size)
+        self._twins: dict[int, tuple[nn.ModuleList, list[Projections]]] = {}
+
+    def twins(self, river: nn.ModuleList) -> list[Projections]:
+        entry = self._twins.get(id(river))
+        if entry is None or entry[0] is not river:
+            projections = [Projections.of(twin).map(with_prompt_copy) for twin in river]
+            entry = self._twins[id(river)] = (river, projections)
+        return entry[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,10 +59,10 @@ class SavedRiver:
             return None
         return {field: self._file.get_tensor(name) for field, name in names.items()}
 
-    def quantization(self, key: str, linear: nn.Linear, config: QuantConfig) -> tuple[torch.Tensor, dict]:
-        """HQQ's (codes, meta) rebuilt from what `_save` stored."""
-        device = linear.weight.device
-        meta = hqq_meta(config.bits, config.group_size, linear.weight.shape,
+    def quantization(self, key: str, shape: torch.Size, device: torch.device,
+                     config: QuantConfig) -> tuple[torch.Tensor, dict]:
+        """HQQ's (codes, meta) of a weight of `shape`, rebuilt from what `_save` stored."""
+        meta = hqq_meta(config.bits, config.group_size, shape,
                         self._file.get_tensor(f"{key}.scale").to(device), self._file.get_tensor(f"{key}.zero").to(device))
         return self._file.get_tensor(f"{key}.codes").to(device), meta
 
@@ -78,10 +79,13 @@ def _make_twin(layer: nn.Module, config: QuantConfig, saved: SavedRiver | None, 
                 out_features, in_features = child.weight.shape
                 backend = pick_backend(config.backend, config.bits, config.group_size, out_features, in_features,
                                        child.weight.device)
+                shape, device = child.weight.shape, child.weight.device
                 packed = saved.int4_buffers(key, backend) if saved else None
-                quantized = saved.quantization(key, child, config) if saved and packed is None else None
-                setattr(module, child_name,
-                        QuantLinear(child, config.bits, config.group_size, backend, quantized, packed))
+                quantized = saved.quantization(key, shape, device, config) if saved and packed is None else None
+                # Read only if someone asks for the dense weight (prompt copies under --kernels ggml).
+                codes_source = partial(saved.quantization, key, shape, device, config) if packed is not None else None
+                setattr(module, child_name, QuantLinear(child, config.bits, config.group_size, backend, quantized,
+                                                        packed, codes_source=codes_source))
     return twin
 
 

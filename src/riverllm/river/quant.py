@@ -19,6 +19,8 @@ here: no library packs HQQ's output for these kernels without pulling in torchao
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from hqq.core.quantize import Quantizer
@@ -84,11 +86,13 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int = 4, group_size: int = 64, backend: str = "auto",
                  quantized: tuple[torch.Tensor, dict] | None = None,
-                 packed: dict[str, torch.Tensor] | None = None, optimize: bool = True):
+                 packed: dict[str, torch.Tensor] | None = None, optimize: bool = True,
+                 codes_source: Callable[[], tuple[torch.Tensor, dict]] | None = None):
         """`quantized`: HQQ's (codes, meta) for this weight from an earlier run (see build.py's
         river cache); when given, the slow HQQ optimisation is skipped. `packed`: this layer's
         int4 kernel buffers (`int4_buffers()`) from an earlier run on the same backend; when given,
-        the codes are not even unpacked (the rest of a start from the river cache).
+        the codes are not even unpacked (the rest of a start from the river cache), and
+        `codes_source` reads them back if they are ever needed (`dequantized_weight`).
         optimize=False: plain round-to-nearest per group (what the low-bit LM head uses)."""
         super().__init__()
         weight = linear.weight.detach()
@@ -101,6 +105,7 @@ class QuantLinear(nn.Module):
         self.backend = self._pick_backend(backend, weight.device)
         if packed is not None and self.backend in INT4_BACKENDS:
             self.hqq_state = None  # already built and cached: nothing will save it again
+            self._codes_source = codes_source
             self.register_buffer("scales_and_zeros", packed["scales_and_zeros"].to(weight.device))
             self.register_buffer("packed", packed["packed"].to(weight.device))
             return
@@ -114,9 +119,8 @@ class QuantLinear(nn.Module):
             self.meta = meta
             return
 
-        codes = Quantizer.unpack[meta["packing"]](codes_packed, dtype=torch.uint8)
+        codes = self._unpack(codes_packed, meta)
         n_groups_per_row = self.in_features // group_size
-        codes = codes[: self.out_features * n_groups_per_row].reshape(self.out_features, self.in_features)
         scale = meta["scale"].reshape(self.out_features, n_groups_per_row).float()
         zero = meta["zero"].reshape(self.out_features, n_groups_per_row).float()
         # [K / group, N, 2]: the layout both int4 kernels take.
@@ -132,12 +136,33 @@ class QuantLinear(nn.Module):
     def _pick_backend(self, backend: str, device: torch.device) -> str:
         return pick_backend(backend, self.bits, self.group_size, self.out_features, self.in_features, device)
 
+    def _unpack(self, codes_packed: torch.Tensor, meta: dict) -> torch.Tensor:
+        """HQQ's packed codes as one uint8 code per weight, [out, in]."""
+        codes = Quantizer.unpack[meta["packing"]](codes_packed, dtype=torch.uint8)
+        return codes[: self.out_features * (self.in_features // self.group_size)].reshape(
+            self.out_features, self.in_features)
+
+    def hqq_codes(self) -> tuple[torch.Tensor, dict]:
+        """HQQ's (packed codes, meta): kept from the build, or read back from the river cache."""
+        if self.hqq_state is not None:
+            state = self.hqq_state
+            return state["codes"], hqq_meta(self.bits, self.group_size, torch.Size((self.out_features, self.in_features)),
+                                            state["scale"], state["zero"])
+        if self._codes_source is None:
+            raise RuntimeError("this layer was loaded from int4 kernel buffers without its HQQ codes")
+        return self._codes_source()
+
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight this layer computes with, as a dense float tensor (for tests and analysis)."""
+        """The weight this layer computes with, as a dense float32 tensor [out, in]. For the int4
+        kernels that is their own arithmetic, (q - 8) * scale + zero with the bfloat16 scale and
+        zero they read (rounded to bfloat16 it equals the kernel applied to an identity matrix,
+        bit for bit: tests/test_river_build.py)."""
+        codes_packed, meta = self.hqq_codes()
         if self.backend == "dequant":
-            return Quantizer.dequantize(self.codes_packed, self.meta).reshape(self.out_features, self.in_features)
-        eye = torch.eye(self.in_features, device=self.packed.device, dtype=torch.bfloat16)
-        return self._int4_matmul(eye).t().float()
+            return Quantizer.dequantize(codes_packed, meta).reshape(self.out_features, self.in_features).float()
+        scales_and_zeros = self.scales_and_zeros.float()  # [in / group, out, 2]
+        scale, zero = (scales_and_zeros[..., i].t().repeat_interleave(self.group_size, dim=1) for i in (0, 1))
+        return (self._unpack(codes_packed, meta).to(scale.device).float() - 8) * scale + zero
 
     def _int4_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.backend == "int4_cuda":

@@ -533,14 +533,14 @@ def create_app(lm: RiverLM, settings: ServerSettings | None = None) -> FastAPI:
 
 
 def serve(lm: RiverLM, settings: ServerSettings, log_level: str = "info") -> None:
-    """Run the server until Ctrl-C. Builds the default method's river first, so that the first
-    request does not wait for it."""
+    """Run the server until Ctrl-C. Builds the default method's river first (and under the ggml
+    kernels its twins' prompt copies), so that the first request does not wait for it."""
     import uvicorn
 
     settings.check()
     method = Method.parse(settings.method, lm.quant.bits)
     if method.needs_river:
-        lm.river(method.bits)
+        lm.engine.twins(lm.river(method.bits))
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         logger.warning("listening on %s without --api-key: anyone who can reach this host can use the model",
                        settings.host)
