@@ -192,6 +192,13 @@ async def send(client: httpx.AsyncClient, model: str, prompt: str, chat: bool, s
     return answer
 
 
+def mean_batch_between(before: dict, after: dict) -> float:
+    """Rows per decoding step between two /metrics readings."""
+    steps = after.get("riverllm_decode_steps_total", 0.0) - before.get("riverllm_decode_steps_total", 0.0)
+    rows = after.get("riverllm_decode_rows_total", 0.0) - before.get("riverllm_decode_rows_total", 0.0)
+    return rows / steps if steps else 0.0
+
+
 def check(answer: Answer, reference: Answer) -> str:
     """'' when the answer is right, else what is wrong."""
     if answer.error:
@@ -286,7 +293,8 @@ async def run_load(url: str, requests: int = 200, concurrency: int = 16, max_tok
                 batch_sizes.append(current.get("riverllm_running", 0.0))
                 await asyncio.sleep(0.5)
 
-        memory_before = parse_metrics((await client.get("/metrics")).text).get("riverllm_resident_memory_bytes", 0.0)
+        metrics_before = parse_metrics((await client.get("/metrics")).text)
+        memory_before = metrics_before.get("riverllm_resident_memory_bytes", 0.0)
         watcher = asyncio.create_task(watch())
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -320,6 +328,9 @@ async def run_load(url: str, requests: int = 200, concurrency: int = 16, max_tok
         "latency_s": percentiles([o.latency_s for o in completed]),
         "ttft_s": percentiles([o.ttft_s for o in completed if o.ttft_s is not None]),
         "mean_batch_size_seen": sum(batch_sizes) / len(batch_sizes) if batch_sizes else 0.0,
+        # Rows per decoding step during the load only (the server's own mean_batch_size counts
+        # since start, so it includes the references each server first answers alone).
+        "mean_batch_size_load": mean_batch_between(metrics_before, server_metrics),
         "memory_bytes": {"before": memory_before, "peak": max(memory, default=0.0), "after": memory_after},
         "healthy_after": health.status_code == 200 and health.json()["queue_length"] == 0,
         "server_metrics": server_metrics,
@@ -407,7 +418,8 @@ def markdown(report: dict) -> str:
         f"Throughput: **{report['tokens_per_s']:.1f} generated tokens/s, {report['requests_per_s']:.2f} completed "
         f"requests/s** over {report['wall_s']:.1f} s ({report['completion_tokens']} tokens of completed requests). "
         f"Server: {sm.get('riverllm_generated_tokens_total', 0):.0f} tokens generated (cancelled ones included), "
-        f"mean batch size per decoding step {sm.get('riverllm_mean_batch_size', 0):.2f}, "
+        f"mean batch size per decoding step {report.get('mean_batch_size_load', 0):.2f} during the load "
+        f"({sm.get('riverllm_mean_batch_size', 0):.2f} since the server started), "
         f"mean exit layer {sm.get('riverllm_mean_exit_layer', 0):.2f} of {sm.get('riverllm_num_layers', 0):.0f}.  ",
         f"Resident memory: {mem['before'] / 2**20:.0f} MiB before the load, peak {mem['peak'] / 2**20:.0f} MiB, "
         f"{mem['after'] / 2**20:.0f} MiB after. Load average when it ended: {m['load_average_1min']:.1f}.", "",
@@ -458,7 +470,7 @@ def compare_markdown(result: dict) -> str:
             f"| `--max-batch-size {r['max_batch_size']}` | {r['correct']}/{r['requests']} | {r['tokens_per_s']:.1f} "
             f"| {r['requests_per_s']:.2f} | {lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} "
             f"| {ttft['p50']:.2f} / {ttft['p99']:.2f} "
-            f"| {r['server_metrics'].get('riverllm_mean_batch_size', 0):.2f} "
+            f"| {r.get('mean_batch_size_load', r['server_metrics'].get('riverllm_mean_batch_size', 0)):.2f} "
             f"| {mem['before'] / 2**20:.0f} / {mem['peak'] / 2**20:.0f} / {mem['after'] / 2**20:.0f} |")
     lines.append("")
     for size, c in result["comparison"].items():

@@ -310,6 +310,7 @@ def test_load_200_requests_from_16_clients_all_correct(server):
     assert report["correct"] == 200
     assert report["streamed"] > 50 and report["cancelled"] > 10  # the mix really happened
     assert report["healthy_after"]
+    assert report["mean_batch_size_load"] > 1.5  # rows per step while the 16 clients ran
     after = wait_idle(server)
     assert after["riverllm_queue_length"] == 0
     requests = 200 + 8  # the load plus one reference per prompt and endpoint

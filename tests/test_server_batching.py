@@ -90,6 +90,8 @@ def test_concurrent_requests_answer_what_they_answer_alone(smollm2, references, 
         assert (text, finish_reason, exit_layers) == (expected.text, expected.finish_reason, expected.exit_layers), \
             (REQUESTS[index], stream)
     assert after["riverllm_mean_batch_size"] > 1.5  # the requests really ran together
+    assert after["riverllm_decode_rows_total"] / after["riverllm_decode_steps_total"] == \
+        pytest.approx(after["riverllm_mean_batch_size"], rel=1e-5)
     assert after["riverllm_max_batch_size"] == max_batch_size
     assert after["riverllm_kv_cache_used_tokens"] == 0  # every row gave its blocks back
     assert after["riverllm_generated_tokens_total"] == 2 * sum(len(r.token_ids) for r in references)

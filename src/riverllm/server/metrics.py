@@ -86,7 +86,9 @@ class Metrics:
 
             def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
                 lines.extend([f"# HELP riverllm_{name} {help_text}", f"# TYPE riverllm_{name} {kind}"])
-                lines.extend(f"riverllm_{name}{labels} {value:g}" for labels, value in samples)
+                # Integer counters print exactly; %g would round them to 6 digits past a million.
+                lines.extend(f"riverllm_{name}{labels} {value if isinstance(value, int) else f'{value:g}'}"
+                             for labels, value in samples)
 
             metric("requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
                    [(f'{{endpoint="{endpoint}",status="{status}"}}', count)
@@ -116,6 +118,8 @@ class Metrics:
             metric("steps_total", "counter", "Worker steps: prefills and decoding steps.", [("", self.steps)])
             metric("decode_steps_total", "counter", "Decoding steps (all running rows, one token each).",
                    [("", self.decode_steps)])
+            metric("decode_rows_total", "counter", "Rows over all decoding steps (rows per step over an interval: "
+                   "its increase over decode_steps_total's).", [("", self.decode_rows)])
             metric("kv_cache_used_tokens", "gauge", "KV-cache slots reserved by the running requests.",
                    [("", self.kv_used_tokens)])
             metric("kv_cache_capacity_tokens", "gauge", "KV-cache slots in the pool (--kv-cache-tokens).",
