@@ -1,0 +1,231 @@
+"""Where the Exit River's error comes from, layer by layer, and how good the exit signal is
+(issue 11: "which layers' twins add the most error, measured per layer; whether another exit
+signal would do better").
+
+    python scripts/twin_error.py qwen2.5-coder-0.5b docs/results/twin_error_qwen0.5b [--bits 4,3] [--tokens 1024]
+
+On held-out Brown windows (the calibration text, disjoint from the eval's), one parallel
+(teacher-forced) forward per setting, one intra-op thread:
+
+1. one twin at a time: the dense model with only layer j's weights replaced by its twin, for
+   every j: KL(dense || that model) and agreement, so the layers whose twins cost most stand out;
+2. the static depths river@K for every K = 0..L (backbone layers 1..K, twins K+1..L): the cost
+   of leaving after K, per position;
+3. the exit signal: with dense's similarities s_l of each position, the River rule (first l > 1
+   with s_l > tau) picks a depth per position. Its cost is read off (2) at that depth and compared
+   with the fixed depth of the same mean, and with an oracle that knows (2) and spends the same
+   mean depth where it lowers KL most (per position, min KL_K + lambda * K, swept over lambda):
+   the best any per-token exit signal could do.
+
+(3) is a proxy, said plainly: in (2) every position of a window leaves at the same K, so the
+K/V a position reads from earlier tokens come from depth K, not from those tokens' own exits.
+It ranks signals; the task scores in docs/results/study_* are the real measurement.
+
+Writes twin_error.json, twin_error.md and twin_error.png under OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import riverllm
+from riverllm.calibrate import calibration_segments
+from riverllm.files import write_atomic, write_text_atomic
+from riverllm.fidelity import score_positions
+from riverllm.policy import ExitPolicy
+
+MIN_EXIT_LAYER = 1  # the library's default: exits are allowed after layer 2 on
+
+
+@torch.no_grad()
+def window_logits(lm, ids: list[int], policy: ExitPolicy, river=None, similarities: bool = False):
+    """One parallel forward over a whole window: logits [tokens, vocab] (and s_l [tokens, L])."""
+    engine = lm.engine
+    cache = engine.new_cache(1, len(ids))
+    output = engine.forward(torch.tensor([ids], device=engine.device), cache, policy, river, all_logits=True,
+                            record_similarities=similarities)
+    logits = output.logits[0].float()
+    if similarities:
+        return logits, torch.stack([s[0] for s in output.similarities], dim=1).float().cpu()
+    return logits
+
+
+def per_position(reference: torch.Tensor, logits: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(agrees, KL) at the scored positions: those that predict ids[start:]."""
+    return score_positions(reference[start - 1:-1], logits[start - 1:-1])
+
+
+def exit_depths(similarities: torch.Tensor, tau: float, num_layers: int) -> torch.Tensor:
+    """Per position, the River rule's exit layer: the first l > MIN_EXIT_LAYER with s_l > tau."""
+    allowed = similarities[:, MIN_EXIT_LAYER:] > tau  # column c is layer MIN_EXIT_LAYER + 1 + c
+    first = torch.where(allowed.any(dim=1), allowed.float().argmax(dim=1) + MIN_EXIT_LAYER + 1,
+                        torch.full((len(similarities),), num_layers))
+    return first
+
+
+def signal_curves(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int) -> dict:
+    """kl [L+1, P]: KL of river@K per position; similarities [P, L]. Curves of (mean depth, mean KL)
+    for the River rule over a tau grid, the fixed depths, and the oracle."""
+    positions = kl.shape[1]
+    index = torch.arange(positions)
+    river = []
+    for tau in [0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]:
+        depth = exit_depths(similarities, tau, num_layers)
+        river.append({"tau": tau, "mean_depth": float(depth.float().mean()), "kl": float(kl[depth, index].mean())})
+    fixed = [{"depth": k, "kl": float(kl[k].mean())} for k in range(num_layers + 1)]
+    oracle = []
+    depths = torch.arange(num_layers + 1, dtype=torch.float32)[:, None]
+    for lam in torch.logspace(-5, 1, 61).tolist():
+        choice = (kl + lam * depths).argmin(dim=0)
+        oracle.append({"lambda": lam, "mean_depth": float(choice.float().mean()), "kl": float(kl[choice, index].mean())})
+    return {"river_rule": river, "fixed": fixed, "oracle": oracle}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation on (x, y) points sorted by x."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if x < points[0][0] else points[-1][1]
+
+
+def measure_bits(lm, segments, bits: int, references, similarities) -> dict:
+    from tqdm.auto import tqdm
+
+    engine, num_layers = lm.engine, lm.num_layers
+    river = lm.river(bits)
+    twins = engine.twins(river)
+    swap = [{"layer": j + 1, "agree": 0, "kl": 0.0} for j in range(num_layers)]
+    suffix_kl = [[] for _ in range(num_layers + 1)]
+    suffix_agree = [0] * (num_layers + 1)
+    positions = 0
+    bar = tqdm(total=len(segments) * (2 * num_layers + 1), desc=f"{bits}-bit twins", leave=False)
+    for segment, reference in zip(segments, references):
+        start = segment.prompt_len
+        positions += segment.positions
+        for j in range(num_layers):
+            saved = engine.backbone[j]
+            engine.backbone[j] = twins[j]
+            try:
+                agrees, kl = per_position(reference, window_logits(lm, segment.ids, ExitPolicy()), start)
+            finally:
+                engine.backbone[j] = saved
+            swap[j]["agree"] += int(agrees.sum())
+            swap[j]["kl"] += float(kl.sum())
+            bar.update()
+        for k in range(num_layers + 1):
+            if k == num_layers:
+                logits = reference  # river@L is dense
+            else:
+                logits = window_logits(lm, segment.ids, ExitPolicy(force_exit_layer=k), river)
+            agrees, kl = per_position(reference, logits, start)
+            suffix_kl[k].append(kl)
+            suffix_agree[k] += int(agrees.sum())
+            bar.update()
+    bar.close()
+    for row in swap:
+        row["agree"] /= positions
+        row["kl"] /= positions
+    kl = torch.stack([torch.cat(rows) for rows in suffix_kl])  # [L+1, P]
+    suffix = [{"depth": k, "agree": suffix_agree[k] / positions, "kl": float(kl[k].mean())}
+              for k in range(num_layers + 1)]
+    return {"bits": bits, "positions": positions, "one_twin": swap, "static_depth": suffix,
+            "signal": signal_curves(kl, similarities, num_layers)}
+
+
+def report(result: dict) -> str:
+    model, num_layers = result["model"], result["num_layers"]
+    lines = [f"# Where the Exit River's error comes from: {model}", "",
+             f"{result['positions']} teacher-forced positions of held-out Brown text ({result['windows']} windows of "
+             f"{result['window']} tokens after {result['prefill']} of context), one parallel forward per setting, "
+             f"one thread, {result['date']}, load average at the end {', '.join(f'{x:.1f}' for x in result['load_average'])}.",
+             f"Command: `{result['command']}`. Method and caveats: the docstring of scripts/twin_error.py.", ""]
+    for entry in result["bits"]:
+        bits = entry["bits"]
+        ranked = sorted(entry["one_twin"], key=lambda r: -r["kl"])
+        total = sum(r["kl"] for r in entry["one_twin"])
+        lines += [f"## {bits}-bit twins", "",
+                  "One twin at a time (the dense model with layer j's weights replaced by its twin), the costliest first:", "",
+                  "| layer | KL (nats) | share of the sum | agree |", "|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['kl']:.4f} | {r['kl'] / total:.0%} | {r['agree']:.3f} |" for r in ranked]
+        lines += ["", f"Sum over layers {total:.4f} nats; all twins at once (w{bits}) {entry['static_depth'][0]['kl']:.4f}.", "",
+                  "Static depth river@K (backbone 1..K, twins after):", "", "| K | KL (nats) | agree |", "|---|---|---|"]
+        lines += [f"| {r['depth']} | {r['kl']:.4f} | {r['agree']:.3f} |" for r in entry["static_depth"]]
+        signal = entry["signal"]
+        fixed = [(r["depth"], r["kl"]) for r in signal["fixed"]]
+        oracle = [(r["mean_depth"], r["kl"]) for r in signal["oracle"]]
+        lines += ["", "The exit signal (proxy, see above): the River rule's KL at its mean depth, against the fixed depth "
+                  "and the oracle at the same mean depth:", "",
+                  "| tau | mean depth | River rule KL | fixed depth KL | oracle KL |", "|---|---|---|---|---|"]
+        for r in signal["river_rule"]:
+            lines.append(f"| {r['tau']} | {r['mean_depth']:.2f} | {r['kl']:.4f} | {interpolate(fixed, r['mean_depth']):.4f} "
+                         f"| {interpolate(oracle, r['mean_depth']):.4f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["bits"]
+    figure, axes = plt.subplots(len(entries), 2, figsize=(11, 4 * len(entries)), squeeze=False)
+    for row, entry in zip(axes, entries):
+        layers = [r["layer"] for r in entry["one_twin"]]
+        row[0].bar(layers, [r["kl"] for r in entry["one_twin"]])
+        row[0].set(title=f"{entry['bits']}-bit: one twin at a time", xlabel="layer replaced by its twin",
+                   ylabel="KL(dense || model), nats")
+        signal = entry["signal"]
+        row[1].plot([r["depth"] for r in signal["fixed"]], [r["kl"] for r in signal["fixed"]], "o-", label="fixed depth (river@K)")
+        row[1].plot([r["mean_depth"] for r in signal["river_rule"]], [r["kl"] for r in signal["river_rule"]], "s-",
+                    label="River rule (tau grid)")
+        row[1].plot([r["mean_depth"] for r in signal["oracle"]], [r["kl"] for r in signal["oracle"]], "--", label="oracle")
+        row[1].set(title=f"{entry['bits']}-bit: cost of leaving early (proxy)", xlabel="mean backbone depth",
+                   ylabel="KL(dense || river), nats", yscale="log")
+        row[1].legend()
+    figure.suptitle(result["model"])
+    figure.tight_layout()
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+
+
+def main() -> None:
+    from tqdm.auto import tqdm
+
+    model, out = sys.argv[1], Path(sys.argv[2])
+    option = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default  # noqa: E731
+    tokens, window = int(option("--tokens", "1024")), int(option("--window", "128"))
+    bits_list = [int(b) for b in option("--bits", "4,3").split(",")]
+    torch.set_num_threads(1)
+    lm = riverllm.load(model, progress=False)
+    segments, text = calibration_segments(lm, tokens=tokens, window=window)
+    references, similarities = [], []
+    for segment in tqdm(segments, desc="dense", leave=False):
+        logits, sims = window_logits(lm, segment.ids, ExitPolicy(), similarities=True)
+        references.append(logits)
+        # the rule's view of each scored position: s_l of the token fed to predict it
+        similarities.append(sims[segment.prompt_len - 1:-1])
+    similarities = torch.cat(similarities)
+    result = {"model": model, "num_layers": lm.num_layers, "text": text, "positions": len(similarities),
+              "windows": len(segments), "window": window, "prefill": segments[0].prompt_len,
+              "command": "python scripts/twin_error.py " + " ".join(sys.argv[1:]), "dtype": str(lm.engine.dtype),
+              "bits": [measure_bits(lm, segments, bits, references, similarities) for bits in bits_list]}
+    result.update(threads=1, load_average=list(os.getloadavg()), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "twin_error.json", json.dumps(result, indent=2) + "\n")
+    text = report(result)
+    write_text_atomic(out / "twin_error.md", text)
+    plot(result, out / "twin_error.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
