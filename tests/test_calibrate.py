@@ -241,6 +241,31 @@ def test_speed_target_keeps_the_fastest_measured_lossless_setting(monkeypatch, c
     assert smollm2.default_draft_tokens(4) == saved["draft_tokens"]
 
 
+def test_speed_grid_measures_each_tau_and_draft_length_on_its_own(monkeypatch, smollm2):
+    """Each cell of the grid is its own runs' measurement: one tau at several draft lengths must
+    not share totals (an earlier version keyed them by method name, so every draft length of a
+    tau reported the same speed and acceptance, and the first length was the one saved)."""
+    from riverllm import calibrate as calibration
+
+    runs: dict[int | None, list[dict]] = {}
+    generate = smollm2.generate
+
+    def recording(prompt, **options):
+        result = generate(prompt, **options)
+        runs.setdefault(options.get("draft_tokens"), []).append(result.extra.get("drafting", {}))
+        return result
+
+    monkeypatch.setattr(smollm2, "generate", recording)
+    result = calibration.calibrate_speed(smollm2, 4, prompts=["Count: one, two, three,"], taus=(0.9,),
+                                         drafts=(1, 4), new_tokens=12)
+    by_drafts = {g["draft_tokens"]: g for g in result.grid}
+    assert set(by_drafts) == {1, 4}
+    timed = {k: runs[k][-1] for k in (1, 4)}  # each length's last run is its timed one (the first warms up)
+    assert timed[1]["drafted"] != timed[4]["drafted"]  # the two lengths really ran differently
+    for k, cell in by_drafts.items():
+        assert cell["acceptance_rate"] == timed[k]["accepted"] / max(timed[k]["drafted"], 1)
+
+
 def test_speed_target_takes_no_fidelity_flags(monkeypatch, capsys, profiles):
     monkeypatch.setattr("riverllm.cli.load_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for args in (["--target", "speed", "--target-agree", "0.9"], ["--target", "fast"]):

@@ -428,27 +428,28 @@ def calibrate_speed(lm: RiverLM, bits: int | None = None, prompts: list[str] | N
                                           for tau in taus for k in drafts]
     for name, _, k in settings:  # build the river and the draft head, warm the kernels (not timed)
         lm.generate(prompts[0], method=name, max_new_tokens=2, raw=True, draft_tokens=k)
-    seconds = {name: 0.0 for name, _, _ in settings}
-    tokens = {name: 0 for name, _, _ in settings}
-    drafted, accepted = {name: 0 for name, _, _ in settings}, {name: 0 for name, _, _ in settings}
+    # Totals per setting: (method name, draft tokens), since one tau runs at several draft lengths.
+    seconds = {(name, k): 0.0 for name, _, k in settings}
+    tokens = {(name, k): 0 for name, _, k in settings}
+    drafted, accepted = dict.fromkeys(seconds, 0), dict.fromkeys(seconds, 0)
     with tqdm(total=len(prompts) * len(settings), desc="speed grid", unit="run", disable=not progress) as bar:
         for prompt in prompts:
             for name, _, k in settings:
                 start = time.perf_counter()
                 result = lm.generate(prompt, method=name, max_new_tokens=new_tokens, raw=True, ignore_eos=True,
                                      draft_tokens=k)
-                seconds[name] += time.perf_counter() - start
-                tokens[name] += len(result.token_ids)
+                seconds[name, k] += time.perf_counter() - start
+                tokens[name, k] += len(result.token_ids)
                 stats = result.extra.get("drafting", {})
-                drafted[name] += stats.get("drafted", 0)
-                accepted[name] += stats.get("accepted", 0)
+                drafted[name, k] += stats.get("drafted", 0)
+                accepted[name, k] += stats.get("accepted", 0)
                 bar.update()
-    grid = [{"tau": tau, "draft_tokens": k, "tokens_per_s": tokens[name] / seconds[name],
-             "acceptance_rate": accepted[name] / max(drafted[name], 1)} for name, tau, k in settings[1:]]
+    grid = [{"tau": tau, "draft_tokens": k, "tokens_per_s": tokens[name, k] / seconds[name, k],
+             "acceptance_rate": accepted[name, k] / max(drafted[name, k], 1)} for name, tau, k in settings[1:]]
     best = max(grid, key=lambda g: g["tokens_per_s"])
     text = dict(text or {}, prompts=len(prompts), new_tokens=new_tokens)
     return SpeedResult(bits, lm.quant.group_size, best["tau"], best["draft_tokens"], best["tokens_per_s"],
-                       tokens["dense"] / seconds["dense"], grid, text, torch.get_num_threads())
+                       tokens["dense", None] / seconds["dense", None], grid, text, torch.get_num_threads())
 
 
 def calibrate_speed_and_save(lm: RiverLM, progress: bool = True) -> tuple[SpeedResult, Path]:
