@@ -25,6 +25,7 @@ Writes twin_error.json, twin_error.md and twin_error.png under OUT."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ import torch
 
 import riverllm
 from riverllm.calibrate import calibration_segments
+from riverllm.errors import RiverError
 from riverllm.files import write_atomic, write_text_atomic
 from riverllm.fidelity import score_positions
 from riverllm.policy import ExitPolicy
@@ -199,13 +201,21 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     from tqdm.auto import tqdm
 
-    model, out = sys.argv[1], Path(sys.argv[2])
-    option = lambda name, default: sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default  # noqa: E731
-    tokens, window = int(option("--tokens", "1024")), int(option("--window", "128"))
-    bits_list = [int(b) for b in option("--bits", "4,3").split(",")]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="packaged name, model directory or .gguf file")
+    parser.add_argument("out", type=Path, help="directory for twin_error.json / .md / .png")
+    parser.add_argument("--bits", default="4,3", help="river bit widths, comma-separated")
+    parser.add_argument("--tokens", type=int, default=1024, help="scored positions")
+    parser.add_argument("--window", type=int, default=128, help="scored tokens per window")
+    args = parser.parse_args()
+    try:
+        bits_list = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        parser.error(f"--bits takes comma-separated integers, got '{args.bits}'")
+    model, out = args.model, args.out
     torch.set_num_threads(1)
     lm = riverllm.load(model, progress=False)
-    segments, text = calibration_segments(lm, tokens=tokens, window=window)
+    segments, text = calibration_segments(lm, tokens=args.tokens, window=args.window)
     references, similarities = [], []
     for segment in tqdm(segments, desc="dense", leave=False):
         logits, sims = window_logits(lm, segment.ids, ExitPolicy(), similarities=True)
@@ -214,7 +224,7 @@ def main() -> None:
         similarities.append(sims[segment.prompt_len - 1:-1])
     similarities = torch.cat(similarities)
     result = {"model": model, "num_layers": lm.num_layers, "text": text, "positions": len(similarities),
-              "windows": len(segments), "window": window, "prefill": segments[0].prompt_len,
+              "windows": len(segments), "window": args.window, "prefill": segments[0].prompt_len,
               "command": "python scripts/twin_error.py " + " ".join(sys.argv[1:]), "dtype": str(lm.engine.dtype),
               "bits": [measure_bits(lm, segments, bits, references, similarities) for bits in bits_list]}
     result.update(threads=1, load_average=list(os.getloadavg()), torch=torch.__version__,
@@ -228,4 +238,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RiverError as error:
+        sys.exit(f"error: {error}")
