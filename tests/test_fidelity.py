@@ -111,3 +111,37 @@ def test_stepwise_reference_reproduces_teacher_forced_logits(smollm2):
     segment = Segment(segment.key, segment.ids[:PREFILL + 8], PREFILL)
     logits, _ = smollm2.teacher_forced(segment.ids, PREFILL, "dense")
     assert torch.equal(stepwise_reference(smollm2, segment).logits(smollm2), logits)
+
+
+def test_twin_error_static_depths_match_teacher_forcing_and_restore_the_backbone(smollm2):
+    """scripts/twin_error.py prices river@K with one parallel forward per window; for a static
+    depth that is exactly what token-by-token teacher forcing measures (every position, the prompt
+    included, leaves at K), so the two must agree. Its one-twin swaps must leave the backbone as
+    they found it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "twin_error.py"
+    spec = importlib.util.spec_from_file_location("twin_error", path)
+    twin_error = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = twin_error
+    spec.loader.exec_module(twin_error)
+
+    lm = smollm2
+    ids = lm.encode("The river runs to the sea, and the sea does not fill; the wind goes south.", raw=True)[:20]
+    segment = Segment("test/twin-error", ids, 6)
+    backbone = list(lm.engine.backbone)
+    reference, similarities = twin_error.window_logits(lm, ids, twin_error.ExitPolicy(), similarities=True)
+    result = twin_error.measure_bits(lm, [segment], 4, [reference], similarities[segment.prompt_len - 1:-1])
+    assert all(a is b for a, b in zip(lm.engine.backbone, backbone))
+    assert len(result["one_twin"]) == lm.num_layers and all(r["kl"] > 0 for r in result["one_twin"])
+    static = result["static_depth"]
+    assert static[-1]["kl"] == 0 and static[-1]["agree"] == 1
+    # A parallel forward and token-by-token steps round differently (the twins' int4 kernel runs
+    # its activations in bfloat16, over other shapes), which moves the KL by up to a few percent
+    # on this short text.
+    references = References(lm)
+    for depth in (0, 7, 20):
+        measured = measure(lm, [segment], f"river@{depth}", references).kl
+        assert static[depth]["kl"] == pytest.approx(measured, rel=5e-2)
