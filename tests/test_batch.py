@@ -139,3 +139,21 @@ def test_teacher_forced_batch_equals_single(smollm2):
         assert exits == alone_exits
         assert torch.equal(logits.argmax(-1), alone_logits.argmax(-1))
         torch.testing.assert_close(logits, alone_logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (4864, 896)])
+def test_float32_rows_get_their_batch_1_bits_at_every_row_count(shape):
+    """Decoding's float32 projections give a row the same bits among any number of rows, on
+    whatever CPU this runs: the row group is measured here (block.row_group), not assumed (an AMD
+    EPYC switches kernels at 4 rows, the Intel machine the fixed group of 8 was measured on at 16)."""
+    from riverllm.engine.block import MAX_ROW_GROUP, row_group, stable_rows
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0])
+    x = torch.randn(17, 1, shape[1])
+    with torch.no_grad():
+        alone = [stable_rows(linear, x[r:r + 1]) for r in range(len(x))]
+        for rows in range(1, len(x) + 1):
+            batch = stable_rows(linear, x[:rows])
+            assert all(torch.equal(batch[r:r + 1], alone[r]) for r in range(rows)), rows
+    assert 2 <= row_group(linear) <= MAX_ROW_GROUP

@@ -87,13 +87,33 @@ ALL_TWIN = RowSplit(twin_only=True)
 
 
 # CPU float32 GEMMs give row r a result that depends on how many rows are multiplied with it:
-# one row takes a matrix-vector kernel, 2..15 rows (one thread) one blocking, 16 and more another,
-# each summing in its own order. The last bit differs, and a River exit threshold or a twin's
-# bf16 cast can turn that bit into another token. So decoding multiplies float32 rows in groups
-# of 2..ROW_GROUP (a single row is paired with a copy of itself: reading the weights dominates,
-# so the pair costs what one row costs), and a row gets the same bits in any batch. The int4
-# twin kernels and bf16 matmuls are row-stable already (measured: docs/engine.md).
-ROW_GROUP = 8
+# oneDNN/MKL pick a kernel by row count, each summing in its own order, and where the switches lie
+# depends on the CPU (one thread: on the Intel AVX-512/AMX machine 2..15 rows share one blocking;
+# on an AMD EPYC (AVX-512, no AMX) 2..3 rows do and 4 or more take another). The last bit differs,
+# and a River exit threshold or a twin's bf16 cast can turn that bit into another token. So
+# decoding multiplies float32 rows in groups whose size never changes a row's bits: `row_group`
+# measures, once per weight shape and thread count on this CPU, the most rows (up to
+# MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of itself; a single
+# row is always paired (reading the weights dominates, so the pair costs what one row costs).
+# The int4 twin kernels and bf16 matmuls are row-stable already (measured: docs/engine.md).
+MAX_ROW_GROUP = 8
+_row_groups: dict[tuple[int, int, int], int] = {}
+
+
+def row_group(linear: nn.Linear) -> int:
+    """How many float32 rows one call of `linear` may take on this CPU with every row's result
+    unchanged (2..MAX_ROW_GROUP), measured on the first call for its shape."""
+    key = (linear.out_features, linear.in_features, torch.get_num_threads())
+    if key not in _row_groups:
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(MAX_ROW_GROUP, 1, linear.in_features, generator=generator)
+        with torch.no_grad():  # the very call decoding makes, bias included
+            paired = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe])
+            size = 2
+            while size < MAX_ROW_GROUP and torch.equal(linear(probe[:size + 1]), paired[:size + 1]):
+                size += 1
+        _row_groups[key] = size
+    return _row_groups[key]
 
 
 def stable_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +121,10 @@ def stable_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (isinstance(linear, nn.Linear) and linear.weight.dtype == torch.float32
             and linear.weight.device.type == "cpu" and x.shape[1] == 1):
         return linear(x)
+    group_size = row_group(linear)
     outputs = []
-    for start in range(0, x.shape[0], ROW_GROUP):
-        group = x[start:start + ROW_GROUP]
+    for start in range(0, x.shape[0], group_size):
+        group = x[start:start + group_size]
         if group.shape[0] == 1:
             outputs.append(linear(torch.cat([group, group]))[:1])
         else:
