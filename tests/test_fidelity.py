@@ -113,20 +113,12 @@ def test_stepwise_reference_reproduces_teacher_forced_logits(smollm2):
     assert torch.equal(stepwise_reference(smollm2, segment).logits(smollm2), logits)
 
 
-def test_twin_error_static_depths_match_teacher_forcing_and_restore_the_backbone(smollm2):
+def test_twin_error_static_depths_match_teacher_forcing_and_restore_the_backbone(smollm2, script):
     """scripts/twin_error.py prices river@K with one parallel forward per window; for a static
     depth that is exactly what token-by-token teacher forcing measures (every position, the prompt
     included, leaves at K), so the two must agree. Its one-twin swaps must leave the backbone as
     they found it."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "twin_error.py"
-    spec = importlib.util.spec_from_file_location("twin_error", path)
-    twin_error = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = twin_error
-    spec.loader.exec_module(twin_error)
+    twin_error = script("twin_error")
 
     lm = smollm2
     ids = lm.encode("The river runs to the sea, and the sea does not fill; the wind goes south.", raw=True)[:20]
@@ -145,3 +137,20 @@ def test_twin_error_static_depths_match_teacher_forcing_and_restore_the_backbone
     for depth in (0, 7, 20):
         measured = measure(lm, [segment], f"river@{depth}", references).kl
         assert static[depth]["kl"] == pytest.approx(measured, rel=5e-2)
+
+
+def test_twin_error_prices_falling_back_when_unsure(script):
+    """The fall-back signal of scripts/twin_error.py: positions below the confidence threshold
+    cost the backbone layers after their depth and a second head, and have no KL left."""
+    twin_error = script("twin_error")
+    costs = twin_error.Costs(backbone=[10, 10, 10], twins=[4, 4, 4], head=20)
+    assert [costs.at_depth(k) for k in range(4)] == [32, 38, 44, 50]
+    assert costs.fallback(1) == 40 and costs.equivalent_depth(41) == 1.5
+    kl = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.5, 0.4, 0.3, 0.2], [0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    confidence = torch.tensor([[0.1] * 4, [0.2, 0.6, 0.9, 0.45], [0.5] * 4, [1.0] * 4])
+    curves = twin_error.fallback_curves(kl, confidence, {"river@1": torch.full((4,), 1)}, costs)
+    by_p = {r["p"]: r for r in curves}
+    assert by_p[0.0]["fallback_share"] == 0 and by_p[0.0]["kl"] == pytest.approx(0.35) and by_p[0.0]["bytes"] == 38
+    # p 0.5: positions 0 and 3 (0.2, 0.45) fall back; the others keep their KL
+    assert by_p[0.5]["fallback_share"] == 0.5 and by_p[0.5]["kl"] == pytest.approx((0.4 + 0.3) / 4)
+    assert by_p[0.5]["bytes"] == 38 + 40 / 2 and by_p[0.5]["bytes_vs_dense"] == pytest.approx(58 / 50)

@@ -7,7 +7,6 @@ clients are all answered correctly (scripts/load_test.py)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
 import subprocess
@@ -293,16 +292,8 @@ def test_clients_leaving_while_waiting_or_before_a_full_answer_free_their_place(
 # --- load ----------------------------------------------------------------------------------------------
 
 
-def load_test_module():
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_load_200_requests_from_16_clients_all_correct(server):
-    load_test = load_test_module()
+def test_load_200_requests_from_16_clients_all_correct(server, script):
+    load_test = script("load_test")
     before = wait_idle(server)
     report = asyncio.run(load_test.run_load(server.url, requests=200, concurrency=16, max_tokens=4,
                                             api_key=API_KEY))
