@@ -172,6 +172,36 @@ def test_other_families_dense_and_river_match_transformers(family):
     assert exits == [2] * NEW_TOKENS and tokens == hf_greedy(hybrid, prompt)
 
 
+@pytest.mark.parametrize("last", [0, 2, 6])
+def test_static_mix_runs_twins_first_and_the_last_layers_on_the_backbone(family_model, last):
+    """`w4-last2`: the static mixed-precision control of the quality study (every token, prompt
+    included, runs twins 1..L-2, then backbone layers L-1..L); exit_layers count backbone layers."""
+    from riverllm.policy import Method
+
+    _, model, engine, river = family_model
+    method = Method.parse(f"w4-last{last}")
+    assert (method.name, method.needs_river, method.uses_tau) == (f"w4-last{last}", True, False)
+    tokens, exits = ours(engine, prompt_ids(seed=13), method.policy(0.9), river)
+    assert exits == [last] * NEW_TOKENS
+    hybrid = copy.deepcopy(model)
+    for index in range(engine.num_layers - last):
+        hybrid.model.layers[index] = river[index]
+    assert tokens == hf_greedy(hybrid, prompt_ids(seed=13))
+
+
+def test_static_mix_is_refused_where_it_cannot_run(family_model):
+    from riverllm.errors import RiverError
+    from riverllm.policy import Method
+
+    _, _, engine, river = family_model
+    with pytest.raises(RiverError, match="only 6 layers"):
+        ours(engine, prompt_ids(seed=13), Method.parse("w4-last7").policy(0.9), river)
+    with pytest.raises(RiverError, match="no exits"):
+        ExitPolicy(tau=0.9, full_precision_last=2)
+    with pytest.raises(RiverError, match="unknown method"):
+        Method.parse("w4-last")
+
+
 def test_static_depth_method_leaves_every_token_at_its_layer(family_model):
     """`river@K`: the static-depth control of the quality study (every token, prompt included,
     runs backbone layers 1..K, then the twins)."""

@@ -262,13 +262,16 @@ class RiverLM:
             raise RiverError(f"max_backbone_layers must be in 0..{self.num_layers}, got {max_backbone_layers}")
         if method.kind == "static" and not 0 <= method.depth <= self.num_layers:
             raise RiverError(f"{method.name}: the exit layer must be in 0..{self.num_layers}")
+        if method.kind == "mixed" and method.full_precision_last > self.num_layers:
+            raise RiverError(f"{method.name}: the model has only {self.num_layers} layers")
         if not 0 <= min_exit_layer < self.num_layers:
             raise RiverError(f"min_exit_layer must be in 0..{self.num_layers - 1}, got {min_exit_layer}")
         limit = self.engine.resident_layers
         if limit < self.num_layers and method.kind != "w":
             max_backbone_layers = min(limit, max_backbone_layers if max_backbone_layers is not None else limit)
-            if method.kind == "dense":
-                raise RiverError(f"dense needs all {self.num_layers} backbone layers, but only {limit} are in memory")
+            if method.kind in ("dense", "mixed"):
+                raise RiverError(f"{method.name} needs the last backbone layers, but only the first {limit} of "
+                                 f"{self.num_layers} are in memory")
         policy = method.policy(self.default_tau(method.bits, method.kind == "lossless"), min_exit_layer,
                                max_backbone_layers, exit_rule)
         river = self.river(method.bits) if method.needs_river else None

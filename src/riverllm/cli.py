@@ -372,8 +372,9 @@ def eval_command(
     model: str = ModelOption,
     tasks: str = typer.Option("humaneval,gsm8k,asdiv,ppl", help="comma-separated: humaneval, gsm8k, asdiv, ppl"),
     methods: str = typer.Option("dense,w4,river:0.8,river:0.9,river:0.95",
-                                help="comma-separated: dense, w4, river:TAU, river3:TAU, recompute:TAU, "
-                                     "propagate:TAU, mask:TAU, monotonic:START-END"),
+                                help="comma-separated: dense, w4, river:TAU, river3:TAU, river@K (fixed exit), "
+                                     "w4-lastK (last K layers at full precision), recompute:TAU, propagate:TAU, "
+                                     "mask:TAU, monotonic:START-END"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (resumed if it holds a run)"),
     limit: Optional[int] = typer.Option(None, help="samples per task (a fixed subset); ppl: windows"),
     max_new_tokens: Optional[str] = typer.Option(

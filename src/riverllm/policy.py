@@ -12,6 +12,9 @@ A `Method` names a whole decoding recipe as users write it on the command line:
 drafts, the full-precision backbone verifies: dense's output; engine/lossless.py), and the prior
 ways of filling the KV hole that an exited token leaves (SPEC.md section 1), each reading the LM
 head at the exit layer:
+`w4-last8` is no early exit: a static mixed-precision model (every token runs the twins of the
+first L-8 layers and the backbone's last 8), the control that asks whether River's exits beat
+simply keeping the layers whose twins err most at full precision (docs/study.md);
 `recompute:TAU` (EE-LLM), `propagate:TAU` (CALM), `mask:TAU` (D-LLM), `monotonic:START-END[@N]`
 (SkipDecode: generated token t runs a depth falling linearly from START to END layers over N
 tokens, 256 by default; the prompt runs full depth).
@@ -50,6 +53,9 @@ class ExitPolicy:
     # alone); "batch-min": the paper's rule, the batch leaves when its least settled row may.
     # The prior strategies always decide per batch.
     exit_rule: str = "per-row"
+    # A static mix instead of exits: layers 1..L-K run as twins, the last K on the backbone, for
+    # every token (`w4-last8`). None: off.
+    full_precision_last: int | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.tau):
@@ -58,6 +64,10 @@ class ExitPolicy:
             raise RiverError(f"min_exit_layer must be >= 0, got {self.min_exit_layer}")
         if self.max_backbone_layers is not None and self.max_backbone_layers < 0:
             raise RiverError(f"max_backbone_layers must be >= 0, got {self.max_backbone_layers}")
+        if self.full_precision_last is not None and (self.full_precision_last < 0 or self.needs_similarity
+                                                     or self.force_exit_layer is not None or self.kv_strategy != "river"):
+            raise RiverError("full_precision_last (a static mix of twins and backbone layers) takes a count >= 0 "
+                             "and no exits")
         if self.exit_rule not in EXIT_RULES:
             raise RiverError(f"exit_rule must be one of {', '.join(EXIT_RULES)}, got '{self.exit_rule}'")
 
@@ -74,6 +84,15 @@ class ExitPolicy:
         start, end, ramp = self.depth_schedule
         progress = min(generated_index, ramp - 1) / max(ramp - 1, 1)
         return min(num_layers, round(start + (end - start) * progress))
+
+    def twin_layers(self, num_layers: int) -> int:
+        """How many layers, from the first, every token runs as twins before the backbone (0
+        unless this is a static mix)."""
+        if self.full_precision_last is None:
+            return 0
+        if self.full_precision_last > num_layers:
+            raise RiverError(f"w-last{self.full_precision_last}: the model has only {num_layers} layers")
+        return num_layers - self.full_precision_last
 
     def start_layer(self) -> int | None:
         """An exit decided before any backbone layer runs (0 means: river only)."""
@@ -111,6 +130,7 @@ EXIT_RULES = ("per-row", "batch-min")
 _METHOD = re.compile(r"^(?P<kind>dense|w|river|lossless|recompute|propagate|mask)(?P<bits>\d+)?(?::(?P<tau>[-+0-9.eE]+|inf))?$")
 _MONOTONIC = re.compile(r"^monotonic:(?P<start>\d+)-(?P<end>\d+)(?:@(?P<ramp>\d+))?$")
 _STATIC = re.compile(r"^river(?P<bits>\d+)?@(?P<depth>\d+)$")
+_MIXED = re.compile(r"^w(?P<bits>\d+)-last(?P<last>\d+)$")
 PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 
 
@@ -118,13 +138,15 @@ PRIOR_STRATEGIES = ("recompute", "propagate", "mask")
 class Method:
     """A decoding recipe: `dense`, `w<bits>`, or `river[<bits>][:tau]`."""
 
-    kind: str  # dense | w | river | lossless | static | recompute | propagate | mask | monotonic
+    kind: str  # dense | w | river | lossless | static | mixed | recompute | propagate | mask | monotonic
     bits: int = 4
     tau: float | None = None  # exit threshold; None means the model's default
     schedule: tuple[int, int, int] | None = None  # monotonic only
     # static (`river@K`): every token leaves after backbone layer K, whatever its similarity: the
     # control that tells whether River's adaptive exits beat a fixed depth of the same cost.
     depth: int | None = None
+    # mixed (`w4-last8`): the last `full_precision_last` layers on the backbone, the others twins.
+    full_precision_last: int | None = None
 
     @property
     def uses_tau(self) -> bool:
@@ -140,12 +162,14 @@ class Method:
             return cls("monotonic", bits or 4, None, (start, end, int(monotonic["ramp"] or 256)))
         if static := _STATIC.match(text):
             return cls("static", int(static["bits"]) if static["bits"] else (bits or 4), depth=int(static["depth"]))
+        if mixed := _MIXED.match(text):
+            return cls("mixed", int(mixed["bits"]), full_precision_last=int(mixed["last"]))
         match = _METHOD.match(text)
         takes_bits = match and match["kind"] in ("w", "river", "lossless")
         if (not match or (match["kind"] == "w" and not match["bits"]) or (match["bits"] and not takes_bits)
                 or (match["kind"] in ("dense", "w") and match["tau"])):
             raise RiverError(f"unknown method '{text}': use dense, w4 (w2/w3/w8), river[:TAU], river3:TAU, "
-                             "river@K (fixed exit layer), lossless[:TAU] (exact: River drafts, the backbone "
+                             "river@K (fixed exit layer), w4-lastK (the last K layers at full precision), lossless[:TAU] (exact: River drafts, the backbone "
                              "verifies), recompute:TAU, propagate:TAU, mask:TAU or monotonic:START-END")
         kind = match["kind"]
         method_bits = int(match["bits"]) if match["bits"] else (bits or 4)
@@ -163,12 +187,14 @@ class Method:
             return f"monotonic:{start}-{end}" + ("" if ramp == 256 else f"@{ramp}")
         if self.kind == "static":
             return f"river{'' if self.bits == 4 else self.bits}@{self.depth}"
+        if self.kind == "mixed":
+            return f"w{self.bits}-last{self.full_precision_last}"
         bits = "" if self.bits == 4 or self.kind not in ("river", "lossless") else str(self.bits)
         return f"{self.kind}{bits}" + ("" if self.tau is None else f":{self.tau:g}")
 
     @property
     def needs_river(self) -> bool:
-        return self.kind in ("w", "river", "static", "lossless")
+        return self.kind in ("w", "river", "static", "mixed", "lossless")
 
     def policy(self, default_tau: float, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
                exit_rule: str = "per-row") -> ExitPolicy:
@@ -180,6 +206,8 @@ class Method:
             return ExitPolicy(kv_strategy="mask", depth_schedule=self.schedule)
         if self.kind == "static":
             return ExitPolicy(force_exit_layer=self.depth)
+        if self.kind == "mixed":
+            return ExitPolicy(full_precision_last=self.full_precision_last)
         tau = default_tau if self.tau is None else self.tau
         # lossless: this is the drafts' policy (the backbone verifies every token in full)
         strategy = "river" if self.kind in ("river", "lossless") else self.kind

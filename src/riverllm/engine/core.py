@@ -262,11 +262,12 @@ class RiverEngine:
         if policy.depth_schedule is not None:
             row = ctx.row_list[0]
             forced = policy.scheduled_depth(cache.lengths[row] - cache.prompt_lengths[row], self.num_layers)
-        depth = [self.num_layers if forced is None else forced] * n  # backbone layers each row runs
+        depth = [self.num_layers if forced is None else forced] * n  # each row's backbone runs to this layer
+        twin_layers = policy.twin_layers(self.num_layers)  # a static mix: twins first, for every row
         similarities: list[torch.Tensor] = []
         exit_hidden = hidden  # priors: the state after the last backbone block
         for index in range(self.num_layers):
-            in_backbone = [r for r in range(n) if index < depth[r]]
+            in_backbone = [r for r in range(n) if twin_layers <= index < depth[r]]
             if in_backbone and self.backbone[index] is None:
                 raise RuntimeError(f"backbone layer {index + 1} was freed; set max_backbone_layers <= {index}")
             rule = policy.rule_at(index + 1) if in_backbone else "stay"
@@ -303,7 +304,7 @@ class RiverEngine:
         for r, row in enumerate(ctx.row_list):
             cache.lengths[row] += ctx.counts[r]
         logits = self.final_logits(exit_hidden if prior else hidden, ctx, all_logits, lm_head)
-        return StepOutput(logits, depth, similarities)
+        return StepOutput(logits, [d - twin_layers for d in depth], similarities)  # backbone layers run
 
     def prefill(self, prompts: list[list[int]], cache: KVCache, policy: ExitPolicy,
                 river: nn.ModuleList | None = None, rows: list[int] | None = None,

@@ -238,7 +238,7 @@ def run_eval(lm: RiverLM, config: EvalConfig) -> dict:
                 if method.needs_river:
                     lm.river(method.bits)  # build it now, so that no sample's time includes building it
             # The prior strategies decide per batch (a row would depend on its neighbours): alone.
-            size = config.batch_size if method.kind in ("dense", "w", "river", "static") else 1
+            size = config.batch_size if method.kind in ("dense", "w", "river", "static", "mixed") else 1
             for start in range(0, len(todo), size):
                 chunk = todo[start:start + size]
                 bar.set_postfix_str(f"{task.name} {method.name} {chunk[0].id}" + (f" +{len(chunk) - 1}" if len(chunk) > 1 else ""))
