@@ -8,12 +8,13 @@
 # (docs/engine.md), and the run leaves the other core to whatever else the machine does.
 # Methods, in the order they run (cheapest evidence first): the references, River at taus whose
 # mean exit layers span ~3 layers to half the depth (chosen from a similarity pass on GSM8K
-# answers: docs/study.md), the static-depth controls river@K at those depths, River at 3 bits,
+# answers: docs/study.md), the static-depth controls river@K at those depths and the static mixes
+# w4-lastK (the last K layers at full precision) at the same costs, River at 3 bits,
 # then the prior strategies at River's settings.
 set -euo pipefail
 MODEL=${1:-qwen2.5-coder-0.5b}
 OUT=${2:-docs/results/study_qwen0.5b}
-METHODS=${METHODS:-dense,w4,river:0.85,river:0.9,river:0.92,river:0.94,river:0.95,river@3,river@4,river@6,river@8,river@11,w3,river3:0.9,river3:0.94,river3:0.96}
+METHODS=${METHODS:-dense,w4,river:0.85,river:0.9,river:0.92,river:0.94,river:0.95,river@3,river@4,river@6,river@8,river@11,w4-last4,w4-last8,w3,river3:0.9,river3:0.94,river3:0.96,river3@8,w3-last8}
 export OMP_NUM_THREADS=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 for TASK in ${TASKS:-gsm8k humaneval}; do
   riverllm eval --model "$MODEL" --tasks "$TASK" --methods "$METHODS" --batch-size 8 --metrics none \
