@@ -67,6 +67,11 @@ def bits_of(method: str) -> int:
     return int(match.group(1)) if match and match.group(1) else 4
 
 
+def is_mixed(method: str) -> bool:
+    """`w4-last8`: a static mix (the last K layers at full precision, twins before them)."""
+    return re.match(r"^w\d+-last\d+$", method) is not None
+
+
 def analyse(directory: Path) -> dict:
     records = load(directory)
     run = json.loads((directory / "run.json").read_text()) if (directory / "run.json").exists() else {}
@@ -80,12 +85,16 @@ def analyse(directory: Path) -> dict:
             row = {"n": len(recs), "score": score(recs, higher), "mean_exit_layer": depth,
                    "full_precision_share": depth / num_layers if num_layers else None}
             refs = {"dense": "dense", "wN": f"w{bits_of(method)}"}
-            if method.startswith("river") and ":" in method and num_layers:
-                refs["static"] = f"river{'' if bits_of(method) == 4 else bits_of(method)}@{round(depth)}"
+            bits = bits_of(method)
+            river = f"river{'' if bits == 4 else bits}"
+            if (method.startswith("river") and ":" in method or is_mixed(method)) and num_layers:
+                refs["static"] = f"{river}@{round(depth)}"  # a mix's exit_layers count its backbone layers
+            if method.startswith("river") and num_layers:
+                refs["mixed"] = f"w{bits}-last{round(depth)}"
             for label, ref in refs.items():
                 if ref != method and ref in methods:
                     row[f"vs_{label}"] = {"method": ref, **(paired(recs, methods[ref], higher) or {})}
-            if method.startswith("river") and "dense" in methods and f"w{bits_of(method)}" in methods:
+            if (method.startswith("river") or is_mixed(method)) and "dense" in methods and f"w{bits_of(method)}" in methods:
                 full, low = score(methods["dense"], higher), score(methods[f"w{bits_of(method)}"], higher)
                 if abs(full - low) > 1e-9:
                     row["gap_recovered"] = (row["score"] - low) / (full - low)
@@ -98,11 +107,12 @@ def markdown(study: dict) -> str:
     lines = [f"# Quality study: {study['model']} ({study['num_layers']} layers)", "",
              "Scores: percent correct (humaneval pass@1, gsm8k), mean per-token NLL (ppl, lower is better). "
              "Differences are paired over the samples both methods finished, with a 95% interval; "
-             "`static` is river@K at the setting's rounded mean exit layer; `gap recovered` is "
+             "`static` is river@K at the setting's rounded mean exit layer (for a mix wN-lastK: river@K, the same "
+             "cost), `mixed` the static mix wN-lastK with as many full-precision layers; `gap recovered` is "
              "(method - wN) / (dense - wN).", ""]
     for task, rows in study["tasks"].items():
         lines += [f"## {task}", "", "| method | n | score | mean exit | full-precision share | vs dense | "
-                  "vs wN | vs static | gap recovered |", "|---|---|---|---|---|---|---|---|---|"]
+                  "vs wN | vs static | vs mixed | gap recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(value: dict | None) -> str:
             if not value or "diff" not in value:
@@ -113,7 +123,7 @@ def markdown(study: dict) -> str:
             share = row["full_precision_share"]
             lines.append(f"| {method} | {row['n']} | {row['score']:.2f} | {row['mean_exit_layer']:.2f} | "
                          f"{'-' if share is None else format(100 * share, '.0f') + '%'} | {cell(row.get('vs_dense'))} | "
-                         f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | "
+                         f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | {cell(row.get('vs_mixed'))} | "
                          f"{'-' if 'gap_recovered' not in row else format(row['gap_recovered'], '.2f')} |")
         lines.append("")
     return "\n".join(lines)
@@ -131,7 +141,8 @@ def plot(study: dict, path: Path) -> None:
         for method, row in study["tasks"][task].items():
             if row["full_precision_share"] is None:
                 continue
-            marker = "o" if method.startswith("river") and "@" not in method else "s" if "@" in method else "^"
+            marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
+                      else "s" if "@" in method else "^")
             ax.scatter(100 * row["full_precision_share"], row["score"], marker=marker)
             ax.annotate(method, (100 * row["full_precision_share"], row["score"]), fontsize=6)
         ax.set_xlabel("layers at full precision (%)")
