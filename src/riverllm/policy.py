@@ -12,12 +12,12 @@ A `Method` names a whole decoding recipe as users write it on the command line:
 drafts, the full-precision backbone verifies: dense's output; engine/lossless.py), and the prior
 ways of filling the KV hole that an exited token leaves (SPEC.md section 1), each reading the LM
 head at the exit layer:
-`w4-last8` is no early exit: a static mixed-precision model (every token runs the twins of the
-first L-8 layers and the backbone's last 8), the control that asks whether River's exits beat
-simply keeping the layers whose twins err most at full precision (docs/study.md);
 `recompute:TAU` (EE-LLM), `propagate:TAU` (CALM), `mask:TAU` (D-LLM), `monotonic:START-END[@N]`
 (SkipDecode: generated token t runs a depth falling linearly from START to END layers over N
 tokens, 256 by default; the prompt runs full depth).
+`w4-last8` is no early exit: a static mixed-precision model (every token runs the twins of the
+first L-8 layers and the backbone's last 8), the control that asks whether River's exits beat
+simply keeping the layers whose twins err most at full precision (docs/study.md).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class ExitPolicy:
         if self.full_precision_last is None:
             return 0
         if self.full_precision_last > num_layers:
-            raise RiverError(f"w-last{self.full_precision_last}: the model has only {num_layers} layers")
+            raise RiverError(f"the last {self.full_precision_last} layers at full precision: the model has only "
+                             f"{num_layers} layers")
         return num_layers - self.full_precision_last
 
     def start_layer(self) -> int | None:
