@@ -7,7 +7,10 @@ This adds what a comparison on 100-164 problems needs: for every method, the pai
 dense, to the full low-bit model (w4 / w3) and, for a River setting, to the static-depth control
 `river@K` with K its rounded mean exit layer, each over the samples both have, with a 95% interval
 (normal approximation of the mean of paired differences); River3's recovery of the w3-to-dense
-gap; and Pareto plots of score against the share of layers at full precision. Writes study.md,
+gap; the speed of each method: a row's tok/s while the run decoded it in a batch (from the
+records) and, where DIR/speed/bench.json holds a batch-1 timing slice (`riverllm bench --model M
+--batch-sizes 1 --methods ...`, one thread), its batch-1 decode tok/s; and Pareto plots of score
+against the share of layers at full precision and against batch-1 tok/s. Writes study.md,
 study.json and study_pareto.png into the directory; reads only finished records, so it can run
 on a partial study.
 """
@@ -19,6 +22,8 @@ import json
 import math
 import re
 from pathlib import Path
+
+from riverllm.files import write_atomic, write_text_atomic
 
 
 def load(directory: Path) -> dict[str, dict[str, dict[str, dict]]]:
@@ -67,6 +72,23 @@ def bits_of(method: str) -> int:
     return int(match.group(1)) if match and match.group(1) else 4
 
 
+def batch1_speeds(directory: Path) -> tuple[dict[str, float], dict]:
+    """{method: batch-1 decode tok/s} from a timing slice in DIR/speed/bench.json, and its environment."""
+    path = directory / "speed" / "bench.json"
+    if not path.exists():
+        return {}, {}
+    bench = json.loads(path.read_text())
+    return ({r["method"]: r["tokens_per_s"] for r in bench["rows"] if r["batch_size"] == 1},
+            bench.get("environment", {}))
+
+
+def row_speed(records: dict[str, dict]) -> float | None:
+    """A row's decode tok/s while it shared its batch's steps, over the method's records."""
+    seconds = sum(r.get("decode_s", 0.0) for r in records.values())
+    tokens = sum(r.get("decode_tokens", 0) for r in records.values())
+    return tokens / seconds if seconds > 0 else None
+
+
 def is_mixed(method: str) -> bool:
     """`w4-last8`: a static mix (the last K layers at full precision, twins before them)."""
     return re.match(r"^w\d+-last\d+$", method) is not None
@@ -76,14 +98,18 @@ def analyse(directory: Path) -> dict:
     records = load(directory)
     run = json.loads((directory / "run.json").read_text()) if (directory / "run.json").exists() else {}
     num_layers = run.get("num_layers", 0)
-    study = {"directory": str(directory), "model": run.get("model"), "num_layers": num_layers, "tasks": {}}
+    speeds, speed_environment = batch1_speeds(directory)
+    study = {"directory": str(directory), "model": run.get("model"), "num_layers": num_layers, "tasks": {},
+             "speed_environment": speed_environment}
     for task, methods in records.items():
         higher = task != "ppl"  # ppl's score is a per-token NLL: lower is better
         rows = {}
         for method, recs in methods.items():
             depth = mean_exit(recs)
+            sizes = sorted({r.get("batch_size", 1) for r in recs.values()})
             row = {"n": len(recs), "score": score(recs, higher), "mean_exit_layer": depth,
-                   "full_precision_share": depth / num_layers if num_layers else None}
+                   "full_precision_share": depth / num_layers if num_layers else None,
+                   "batch1_tok_s": speeds.get(method), "row_tok_s_batched": row_speed(recs), "batch_sizes": sizes}
             refs = {"dense": "dense", "wN": f"w{bits_of(method)}"}
             bits = bits_of(method)
             river = f"river{'' if bits == 4 else bits}"
@@ -109,10 +135,17 @@ def markdown(study: dict) -> str:
              "Differences are paired over the samples both methods finished, with a 95% interval; "
              "`static` is river@K at the setting's rounded mean exit layer (for a mix wN-lastK: river@K, the same "
              "cost), `mixed` the static mix wN-lastK with as many full-precision layers; `gap recovered` is "
-             "(method - wN) / (dense - wN).", ""]
+             "(method - wN) / (dense - wN). Speed: `batch-1 tok/s` is the timing slice in speed/ (see below), "
+             "`row tok/s @B` a row's decode speed while the run decoded it in batches of B (it shared each step "
+             "with B-1 others: the run's throughput is about B times it).", ""]
+    environment = study.get("speed_environment")
+    if environment:
+        lines += [f"Timing slice: torch {environment.get('torch')}, {environment.get('threads')} thread(s), "
+                  f"{environment.get('machine')}, load average {environment.get('load_average')}, {environment.get('date')}.", ""]
     for task, rows in study["tasks"].items():
-        lines += [f"## {task}", "", "| method | n | score | mean exit | full-precision share | vs dense | "
-                  "vs wN | vs static | vs mixed | gap recovered |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {task}", "", "| method | n | score | mean exit | full-precision share | batch-1 tok/s | "
+                  "row tok/s @B | vs dense | vs wN | vs static | vs mixed | gap recovered |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(value: dict | None) -> str:
             if not value or "diff" not in value:
@@ -120,9 +153,12 @@ def markdown(study: dict) -> str:
             return f"{value['diff']:+.2f} [{value['low']:+.2f}, {value['high']:+.2f}] ({value['method']}, n={value['n']})"
 
         for method, row in sorted(rows.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
-            share = row["full_precision_share"]
+            share, fast, batched = row["full_precision_share"], row.get("batch1_tok_s"), row.get("row_tok_s_batched")
+            sizes = "/".join(map(str, row.get("batch_sizes", [])))
             lines.append(f"| {method} | {row['n']} | {row['score']:.2f} | {row['mean_exit_layer']:.2f} | "
-                         f"{'-' if share is None else format(100 * share, '.0f') + '%'} | {cell(row.get('vs_dense'))} | "
+                         f"{'-' if share is None else format(100 * share, '.0f') + '%'} | "
+                         f"{'-' if fast is None else format(fast, '.2f')} | "
+                         f"{'-' if batched is None else format(batched, '.2f') + ' @' + sizes} | {cell(row.get('vs_dense'))} | "
                          f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | {cell(row.get('vs_mixed'))} | "
                          f"{'-' if 'gap_recovered' not in row else format(row['gap_recovered'], '.2f')} |")
         lines.append("")
@@ -130,26 +166,31 @@ def markdown(study: dict) -> str:
 
 
 def plot(study: dict, path: Path) -> None:
+    """Score against the share of layers at full precision (top) and against batch-1 tok/s
+    (bottom, where a timing slice exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(study["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for method, row in study["tasks"][task].items():
-            if row["full_precision_share"] is None:
-                continue
-            marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
-                      else "s" if "@" in method else "^")
-            ax.scatter(100 * row["full_precision_share"], row["score"], marker=marker)
-            ax.annotate(method, (100 * row["full_precision_share"], row["score"]), fontsize=6)
-        ax.set_xlabel("layers at full precision (%)")
-        ax.set_ylabel("NLL per token (lower is better)" if task == "ppl" else "score (%)")
-        ax.set_title(task)
+    axes_x = [("full_precision_share", 100, "layers at full precision (%)"), ("batch1_tok_s", 1, "batch-1 decode tok/s")]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
+    for column, task in enumerate(tasks):
+        for row_axes, (key, scale, label) in zip(axes, axes_x):
+            ax = row_axes[column]
+            for method, row in study["tasks"][task].items():
+                if row.get(key) is None:
+                    continue
+                marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
+                          else "s" if "@" in method else "^")
+                ax.scatter(scale * row[key], row["score"], marker=marker)
+                ax.annotate(method, (scale * row[key], row["score"]), fontsize=6)
+            ax.set_xlabel(label)
+            ax.set_ylabel("NLL per token (lower is better)" if task == "ppl" else "score (%)")
+            ax.set_title(task)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -158,8 +199,8 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     args = parser.parse_args()
     study = analyse(args.directory)
-    (args.directory / "study.json").write_text(json.dumps(study, indent=2) + "\n")
-    (args.directory / "study.md").write_text(markdown(study) + "\n")
+    write_text_atomic(args.directory / "study.json", json.dumps(study, indent=2) + "\n")
+    write_text_atomic(args.directory / "study.md", markdown(study) + "\n")
     plot(study, args.directory / "study_pareto.png")
     print(markdown(study))
 

@@ -11,7 +11,8 @@ def write_records(directory, method: str, scores: list[int], exit_layer: int) ->
     path = directory / "samples" / "gsm8k" / f"{method.replace(':', '_')}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"task": "gsm8k", "method": method, "id": f"s{i}", "score": score,
-                         "exit_layers": [24] + [exit_layer] * 3}) for i, score in enumerate(scores)]
+                         "exit_layers": [24] + [exit_layer] * 3, "decode_tokens": 3, "decode_s": 1.5, "batch_size": 8})
+             for i, score in enumerate(scores)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -32,3 +33,22 @@ def test_river_settings_and_static_mixes_meet_their_same_cost_controls(tmp_path,
     assert mixed["gap_recovered"] == pytest.approx((75 - 25) / (100 - 25))
     assert mixed["full_precision_share"] == pytest.approx(8 / 24)
     assert "vs_mixed" in river and "| w4-last8 |" in study_report.markdown(study_report.analyse(tmp_path))
+
+
+def test_speeds_come_from_the_records_and_the_timing_slice(tmp_path, script):
+    study_report = script("study_report")
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "num_layers": 24}))
+    write_records(tmp_path, "dense", [1, 0], 24)
+    write_records(tmp_path, "river:0.9", [1, 1], 4)
+    (tmp_path / "speed").mkdir()
+    (tmp_path / "speed" / "bench.json").write_text(json.dumps({"rows": [
+        {"method": "river:0.9", "batch_size": 1, "tokens_per_s": 9.5},
+        {"method": "river:0.9", "batch_size": 4, "tokens_per_s": 30.0}], "environment": {"threads": 1}}))
+    study = study_report.analyse(tmp_path)
+    rows = study["tasks"]["gsm8k"]
+    assert rows["river:0.9"]["batch1_tok_s"] == 9.5 and rows["dense"]["batch1_tok_s"] is None
+    assert rows["dense"]["row_tok_s_batched"] == pytest.approx(2.0) and rows["dense"]["batch_sizes"] == [8]
+    text = study_report.markdown(study)
+    assert "| 9.50 | 2.00 @8 |" in text and "1 thread(s)" in text
+    study_report.plot(study, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
