@@ -36,18 +36,17 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import riverllm
+from riverllm.bench.token_bytes import TokenBytes, ggml_token_bytes
 from riverllm.calibrate import calibration_segments
 from riverllm.errors import RiverError
 from riverllm.files import write_atomic, write_text_atomic
 from riverllm.fidelity import score_positions
 from riverllm.policy import ExitPolicy
-from riverllm.river.quant import QuantLinear
 
 MIN_EXIT_LAYER = 1  # the library's default: exits are allowed after layer 2 on
 
@@ -78,44 +77,8 @@ def exit_depths(similarities: torch.Tensor, tau: float, num_layers: int) -> torc
     return first
 
 
-@dataclass(frozen=True)
-class Costs:
-    """Bytes a token reads: backbone layer l (index l-1), twin layer l, the LM head."""
-    backbone: list[int]
-    twins: list[int]
-    head: int
-
-    def at_depth(self, depth: int) -> int:
-        """river@depth: backbone layers 1..depth, twins after, the head."""
-        return sum(self.backbone[:depth]) + sum(self.twins[depth:]) + self.head
-
-    def fallback(self, depth: int) -> int:
-        """What a token that left after `depth` and falls back reads on top: the backbone layers
-        after it, and the head again."""
-        return sum(self.backbone[depth:]) + self.head
-
-    def equivalent_depth(self, num_bytes: float) -> float:
-        """The (fractional) fixed depth that reads `num_bytes` per token."""
-        return interpolate([(self.at_depth(k), k) for k in range(len(self.backbone) + 1)], num_bytes)
-
-
-def model_costs(lm, river) -> Costs:
-    """Bytes per token on the ggml path: the GGUF's blocks for the backbone and the head, the
-    river's int4 codes and scales for the twins."""
-    from gguf import GGUFReader
-
-    if lm.gguf_path is None:
-        raise RiverError("the bytes a token reads are priced from the model's GGUF file; this model has none")
-    tensors = GGUFReader(str(lm.gguf_path)).tensors
-    backbone = [sum(int(t.n_bytes) for t in tensors if t.name.startswith(f"blk.{j}.") and t.name.endswith(".weight")
-                    and "norm" not in t.name) for j in range(lm.num_layers)]
-    by_name = {t.name: int(t.n_bytes) for t in tensors}
-    head = by_name.get("output.weight", by_name["token_embd.weight"])  # tied embeddings: the head is the embedding
-    twins = [sum(m.weight_bytes() for m in layer.modules() if isinstance(m, QuantLinear)) for layer in river]
-    return Costs(backbone, twins, head)
-
-
-def fallback_curves(kl: torch.Tensor, confidence: torch.Tensor, base: dict[str, torch.Tensor], costs: Costs) -> list[dict]:
+def fallback_curves(kl: torch.Tensor, confidence: torch.Tensor, base: dict[str, torch.Tensor],
+                    costs: TokenBytes) -> list[dict]:
     """Per base policy (name -> depth per position), per threshold p: positions whose top-1
     probability at their depth is below p fall back to dense (KL 0) and pay costs.fallback."""
     index = torch.arange(kl.shape[1])
@@ -129,7 +92,7 @@ def fallback_curves(kl: torch.Tensor, confidence: torch.Tensor, base: dict[str, 
             curves.append({"base": name, "p": p, "fallback_share": float(back.float().mean()),
                            "mean_depth": float(depth.float().mean()), "bytes": num_bytes,
                            "equivalent_depth": costs.equivalent_depth(num_bytes),
-                           "bytes_vs_dense": num_bytes / costs.at_depth(len(costs.backbone)),
+                           "bytes_vs_dense": num_bytes / costs.dense,
                            "kl": float(torch.where(back, 0.0, kl[depth, index]).mean())})
     return curves
 
@@ -162,7 +125,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
 
 
 def measure_bits(lm, segments, bits: int, references, similarities, costs=None) -> dict:
-    """`costs(river)` -> Costs prices the fall-back signal (4. above); None leaves it out."""
+    """`costs(river)` -> TokenBytes prices the fall-back signal (4. above); None leaves it out."""
     from tqdm.auto import tqdm
 
     engine, num_layers = lm.engine, lm.num_layers
@@ -310,7 +273,7 @@ def main() -> None:
     result = {"model": model, "num_layers": lm.num_layers, "text": text, "positions": len(similarities),
               "windows": len(segments), "window": args.window, "prefill": segments[0].prompt_len,
               "command": "python scripts/twin_error.py " + " ".join(sys.argv[1:]), "dtype": str(lm.engine.dtype),
-              "bits": [measure_bits(lm, segments, bits, references, similarities, lambda river: model_costs(lm, river))
+              "bits": [measure_bits(lm, segments, bits, references, similarities, lambda river: ggml_token_bytes(lm.gguf_path, lm.num_layers, river))
                        for bits in bits_list]}
     result.update(threads=1, load_average=list(os.getloadavg()), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"))

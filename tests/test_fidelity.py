@@ -140,12 +140,15 @@ def test_twin_error_static_depths_match_teacher_forcing_and_restore_the_backbone
 
 
 def test_twin_error_prices_falling_back_when_unsure(script):
+    from riverllm.bench.token_bytes import TokenBytes
+
     """The fall-back signal of scripts/twin_error.py: positions below the confidence threshold
     cost the backbone layers after their depth and a second head, and have no KL left."""
     twin_error = script("twin_error")
-    costs = twin_error.Costs(backbone=[10, 10, 10], twins=[4, 4, 4], head=20)
-    assert [costs.at_depth(k) for k in range(4)] == [32, 38, 44, 50]
-    assert costs.fallback(1) == 40 and costs.equivalent_depth(41) == 1.5
+    costs = TokenBytes(backbone=[10, 10, 10], twins=[4, 4, 4], head=20)
+    assert [costs.at_depth(k) for k in range(4)] == [32, 38, 44, 50] and costs.dense == 50
+    assert costs.fallback(1) == 40 and costs.equivalent_depth(41) == 1.5 and costs.equivalent_depth(60) == 3
+    assert costs.mixed(1) == 4 + 4 + 10 + 20 and costs.at_depths([0, 3]) == 41
     kl = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.5, 0.4, 0.3, 0.2], [0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0]])
     confidence = torch.tensor([[0.1] * 4, [0.2, 0.6, 0.9, 0.45], [0.5] * 4, [1.0] * 4])
     curves = twin_error.fallback_curves(kl, confidence, {"river@1": torch.full((4,), 1)}, costs)

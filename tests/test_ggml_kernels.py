@@ -280,3 +280,24 @@ def test_eval_records_its_kernels_and_refuses_to_mix_them(smollm2_ggml, tmp_path
             run_eval(lm, config)
     finally:
         lm.use_kernels("ggml")
+
+
+@needs_ggml
+def test_token_bytes_are_what_the_ggml_step_reads(smollm2_ggml, script):
+    """riverllm.bench.token_bytes prices a token from the GGUF's tensor table; the ggml modules the
+    decoding step multiplies with must read exactly those bytes (and the twins their int4 codes)."""
+    from riverllm.bench.token_bytes import ggml_token_bytes
+
+    lm = smollm2_ggml
+    river = lm.river(4)
+    costs = ggml_token_bytes(lm.gguf_path, lm.num_layers, river)
+    for index, projections in enumerate(lm.engine.backbone):
+        modules = [m for m in vars(projections).values() if m is not None]
+        assert costs.backbone[index] == sum(m.weight_bytes() for m in modules)
+    assert costs.head == lm.engine.head_linear.weight_bytes()
+    twin = lm.engine.twins(river)[3]
+    assert costs.twins[3] == sum(m.weight_bytes() for m in vars(twin).values() if m is not None)
+    assert costs.at_depth(0) < costs.dense and costs.mixed(0) == costs.at_depth(0)
+    assert ggml_token_bytes(lm.gguf_path, lm.num_layers, river, lm.low_bit_head(4)).head < costs.head
+    # scripts/token_bytes.py prices a River setting at its fractional mean exit layer
+    assert script("token_bytes").at_mean_depth(costs, 2.5) == (costs.at_depth(2) + costs.at_depth(3)) / 2
