@@ -156,4 +156,18 @@ def test_float32_rows_get_their_batch_1_bits_at_every_row_count(shape):
         for rows in range(1, len(x) + 1):
             batch = stable_rows(linear, x[:rows])
             assert all(torch.equal(batch[r:r + 1], alone[r]) for r in range(rows)), rows
-    assert 2 <= row_group(linear) <= MAX_ROW_GROUP
+    assert 1 <= row_group(linear) <= MAX_ROW_GROUP
+
+
+def test_rows_alone_give_each_row_its_own_call(monkeypatch):
+    """Group 1 (chosen where the CPU's matrix-vector kernel beats its two-row GEMM): every row is
+    multiplied alone, so a batch's rows equal their single runs whatever the CPU's GEMMs do."""
+    from riverllm.engine import block
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    monkeypatch.setitem(block._row_groups, (40, 96, torch.get_num_threads()), 1)
+    x = torch.randn(5, 1, 96)
+    with torch.no_grad():
+        batch = block.stable_rows(linear, x)
+        assert all(torch.equal(batch[r:r + 1], linear(x[r:r + 1])) for r in range(5))

@@ -24,6 +24,8 @@ A weight set that no row needs is not read.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, fields
 
 import torch
@@ -94,24 +96,43 @@ ALL_TWIN = RowSplit(twin_only=True)
 # decoding multiplies float32 rows in groups whose size never changes a row's bits: `row_group`
 # measures, once per weight shape and thread count on this CPU, the most rows (up to
 # MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of itself; a single
-# row is always paired (reading the weights dominates, so the pair costs what one row costs).
-# The int4 twin kernels and bf16 matmuls are row-stable already (measured: docs/engine.md).
+# row is then paired with a copy of itself. Where the CPU's matrix-vector kernel is much faster
+# than its two-row GEMM (the AMD EPYC: MKL's small-row float32 GEMMs cost about one matrix-vector
+# product per row there, so a paired row costs 2x), every row is multiplied alone instead (group
+# 1): a row alone is the same call at any batch size. The int4 twin kernels and bf16 matmuls are
+# row-stable already (measured: docs/engine.md).
 MAX_ROW_GROUP = 8
+ALONE_IF_PAIR_COSTS = 1.5  # a paired row must cost this many single rows before rows go alone
 _row_groups: dict[tuple[int, int, int], int] = {}
 
 
+def _median_seconds(call, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def row_group(linear: nn.Linear) -> int:
-    """How many float32 rows one call of `linear` may take on this CPU with every row's result
-    unchanged (2..MAX_ROW_GROUP), measured on the first call for its shape."""
+    """How many float32 rows one call of `linear` takes on this CPU with every row's result
+    unchanged by the batch size: 1 (each row alone) or 2..MAX_ROW_GROUP, measured on the first
+    call for its shape and thread count."""
     key = (linear.out_features, linear.in_features, torch.get_num_threads())
     if key not in _row_groups:
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(MAX_ROW_GROUP, 1, linear.in_features, generator=generator)
-        with torch.no_grad():  # the very call decoding makes, bias included
-            paired = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe])
-            size = 2
-            while size < MAX_ROW_GROUP and torch.equal(linear(probe[:size + 1]), paired[:size + 1]):
-                size += 1
+        with torch.no_grad():  # the very calls decoding makes, bias included
+            linear(probe[:2])  # warm both kernels up before timing them
+            alone, paired = (_median_seconds(lambda: linear(probe[:1])), _median_seconds(lambda: linear(probe[:2])))
+            if paired > ALONE_IF_PAIR_COSTS * alone:
+                size = 1
+            else:
+                paired_rows = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe])
+                size = 2
+                while size < MAX_ROW_GROUP and torch.equal(linear(probe[:size + 1]), paired_rows[:size + 1]):
+                    size += 1
         _row_groups[key] = size
     return _row_groups[key]
 
@@ -122,6 +143,8 @@ def stable_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
             and linear.weight.device.type == "cpu" and x.shape[1] == 1):
         return linear(x)
     group_size = row_group(linear)
+    if group_size == 1:
+        return linear(x) if x.shape[0] == 1 else torch.cat([linear(row) for row in x.split(1)])
     outputs = []
     for start in range(0, x.shape[0], group_size):
         group = x[start:start + group_size]
