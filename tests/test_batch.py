@@ -141,16 +141,18 @@ def test_teacher_forced_batch_equals_single(smollm2):
         torch.testing.assert_close(logits, alone_logits, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (4864, 896)])
-def test_float32_rows_get_their_batch_1_bits_at_every_row_count(shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (4864, 896), (896, 4864)])
+def test_float_rows_get_their_batch_1_bits_at_every_row_count(shape, dtype):
     """Decoding's float32 projections give a row the same bits among any number of rows, on
     whatever CPU this runs: the row group is measured here (block.row_group), not assumed (an AMD
-    EPYC switches kernels at 4 rows, the Intel machine the fixed group of 8 was measured on at 16)."""
+    EPYC switches kernels at 4 rows, the Intel machine the fixed group of 8 was measured on at 16;
+    in bfloat16 the EPYC gives one row of a 4864-wide product other bits than 2 or more)."""
     from riverllm.engine.block import MAX_ROW_GROUP, row_group, stable_rows
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(shape[1], shape[0])
-    x = torch.randn(17, 1, shape[1])
+    linear = torch.nn.Linear(shape[1], shape[0]).to(dtype)
+    x = torch.randn(17, 1, shape[1]).to(dtype)
     with torch.no_grad():
         alone = [stable_rows(linear, x[r:r + 1]) for r in range(len(x))]
         for rows in range(1, len(x) + 1):
@@ -166,7 +168,7 @@ def test_rows_alone_give_each_row_its_own_call(monkeypatch):
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
-    monkeypatch.setitem(block._row_groups, (40, 96, torch.get_num_threads()), 1)
+    monkeypatch.setitem(block._row_groups, (40, 96, torch.get_num_threads(), torch.float32), 1)
     x = torch.randn(5, 1, 96)
     with torch.no_grad():
         batch = block.stable_rows(linear, x)

@@ -88,22 +88,25 @@ ALL_BACKBONE = RowSplit()
 ALL_TWIN = RowSplit(twin_only=True)
 
 
-# CPU float32 GEMMs give row r a result that depends on how many rows are multiplied with it:
+# CPU GEMMs give row r a result that depends on how many rows are multiplied with it:
 # oneDNN/MKL pick a kernel by row count, each summing in its own order, and where the switches lie
 # depends on the CPU (one thread: on the Intel AVX-512/AMX machine 2..15 rows share one blocking;
 # on an AMD EPYC (AVX-512, no AMX) 2..3 rows do and 4 or more take another). The last bit differs,
-# and a River exit threshold or a twin's bf16 cast can turn that bit into another token. So
-# decoding multiplies float32 rows in groups whose size never changes a row's bits: `row_group`
+# and a River exit threshold or a twin's bf16 cast can turn that bit into another token. bfloat16
+# does it too (the AMD EPYC: a 4864-wide down projection gives one row other bits than 2 to 9
+# rows, which all agree). So decoding multiplies float rows in groups whose size never changes a
+# row's bits: `row_group`
 # measures, once per weight shape and thread count on this CPU, the most rows (up to
 # MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of itself; a single
 # row is then paired with a copy of itself. Where the CPU's matrix-vector kernel is much faster
 # than its two-row GEMM (the AMD EPYC: MKL's small-row float32 GEMMs cost about one matrix-vector
 # product per row there, so a paired row costs 2x), every row is multiplied alone instead (group
-# 1): a row alone is the same call at any batch size. The int4 twin kernels and bf16 matmuls are
-# row-stable already (measured: docs/engine.md).
+# 1): a row alone is the same call at any batch size. The int4 twin kernels are row-stable
+# already (measured: docs/engine.md).
 MAX_ROW_GROUP = 8
+ROW_GROUP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALONE_IF_PAIR_COSTS = 1.5  # a paired row must cost this many single rows before rows go alone
-_row_groups: dict[tuple[int, int, int], int] = {}
+_row_groups: dict[tuple[int, int, int, torch.dtype], int] = {}
 
 
 def _median_seconds(call, repeats: int = 5) -> float:
@@ -116,13 +119,14 @@ def _median_seconds(call, repeats: int = 5) -> float:
 
 
 def row_group(linear: nn.Linear) -> int:
-    """How many float32 rows one call of `linear` takes on this CPU with every row's result
-    unchanged by the batch size: 1 (each row alone) or 2..MAX_ROW_GROUP, measured on the first
-    call for its shape and thread count."""
-    key = (linear.out_features, linear.in_features, torch.get_num_threads())
+    """How many rows one call of `linear` takes on this CPU with every row's result unchanged by
+    the batch size: 1 (each row alone) or 2..MAX_ROW_GROUP, measured on the first call for its
+    shape, dtype and thread count."""
+    dtype = linear.weight.dtype
+    key = (linear.out_features, linear.in_features, torch.get_num_threads(), dtype)
     if key not in _row_groups:
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(MAX_ROW_GROUP, 1, linear.in_features, generator=generator)
+        probe = torch.randn(MAX_ROW_GROUP, 1, linear.in_features, generator=generator).to(dtype)
         with torch.no_grad():  # the very calls decoding makes, bias included
             linear(probe[:2])  # warm both kernels up before timing them
             alone, paired = (_median_seconds(lambda: linear(probe[:1])), _median_seconds(lambda: linear(probe[:2])))
@@ -139,7 +143,7 @@ def row_group(linear: nn.Linear) -> int:
 
 def stable_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x) for decoding inputs x [n, 1, in], row results independent of n."""
-    if not (isinstance(linear, nn.Linear) and linear.weight.dtype == torch.float32
+    if not (isinstance(linear, nn.Linear) and linear.weight.dtype in ROW_GROUP_DTYPES
             and linear.weight.device.type == "cpu" and x.shape[1] == 1):
         return linear(x)
     group_size = row_group(linear)
