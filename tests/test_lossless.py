@@ -234,7 +234,14 @@ def test_exact_bench_compares_every_exact_method_with_dense(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert sorted((r["prompt"], r["method"]) for r in records) == sorted(
         (f"gsm8k/{i}", m) for i in range(2) for m in settings.methods)
-    assert "| lossless:0.9 | yes |" in exact_markdown(results)
+    assert "| lossless:0.9 | yes |" in exact_markdown(results) and "Weights in float32." in exact_markdown(results)
+    # bfloat16 (what generate picks on a CPU with native bf16): still exact, and never mixed into
+    # records taken in another dtype
+    with pytest.raises(RiverError, match="taken in float32"):
+        run_exact_bench(ExactBenchSettings(**{**vars(settings), "dtype": "bfloat16"}), tmp_path, progress=False)
+    bf16 = ExactBenchSettings(**{**vars(settings), "dtype": "bfloat16", "methods": ("dense", "lossless:0.9", "hf")})
+    rows = {r["method"]: r for r in run_exact_bench(bf16, tmp_path / "bf16", progress=False)["rows"]}
+    assert all(rows[name]["identical_to_dense"] == 2 for name in ("lossless:0.9", "hf"))
 
 
 def test_teacher_forced_lossless_is_dense_and_the_low_bit_head_costs_little(smollm2):

@@ -493,7 +493,8 @@ def bench(
             model=model, methods=tuple(m.strip() for m in (methods or "dense,river:0.9,lossless:0.9,hf,hf-lookup")
                                        .split(",") if m.strip()),
             tasks=("humaneval", "gsm8k") if prompts == "random" else tuple(t.strip() for t in prompts.split(",")),
-            num_prompts=num_prompts, new_tokens=new_tokens or 256, threads=threads, draft_tokens=draft_tokens)
+            num_prompts=num_prompts, new_tokens=new_tokens or 256, threads=threads, draft_tokens=draft_tokens,
+            dtype=dtype)
         exact_settings.check()
         results = run_exact_bench(exact_settings, out)
         write_bench_outputs(out, results, exact_markdown(results, command), out / "samples.jsonl")

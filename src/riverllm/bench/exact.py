@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from riverllm.bench.batch import environment, environment_line
 from riverllm.bench.records import RecordLog
+from riverllm.cpu import parse_dtype
 from riverllm.errors import RiverError
 
 HF_METHODS = ("hf", "hf-lookup")  # plus hf-assisted:MODEL
@@ -40,6 +41,7 @@ class ExactBenchSettings:
     threads: int | None = None
     lookup_tokens: int = 10  # prompt_lookup_num_tokens
     draft_tokens: int | None = None  # lossless drafts per cycle (None: the library default)
+    dtype: str | None = None  # float32 | bfloat16 | float16 for every model here (None: float32 on CPU)
 
     def check(self) -> None:
         from riverllm.policy import Method
@@ -53,6 +55,7 @@ class ExactBenchSettings:
             if name in HF_METHODS or name.startswith("hf-assisted:"):
                 continue
             Method.parse(name)
+        parse_dtype(self.dtype)
         if "dense" not in self.methods:
             raise RiverError("with --exact, --methods must include dense (every output is compared with it)")
 
@@ -73,13 +76,13 @@ def hf_generate(lm, name: str, ids: list[int], new_tokens: int, lookup_tokens: i
     return output[0, len(ids):].tolist()
 
 
-def load_assistants(methods: tuple[str, ...], device) -> dict:
+def load_assistants(methods: tuple[str, ...], device, dtype: torch.dtype | None = None) -> dict:
     from riverllm.loading import load_model
 
     assistants = {}
     for name in methods:
         if name.startswith("hf-assisted:"):
-            model, _ = load_model(name.split(":", 1)[1], device=str(device), progress=False)
+            model, _ = load_model(name.split(":", 1)[1], device=str(device), dtype=dtype, progress=False)
             assistants[name] = model
     return assistants
 
@@ -91,10 +94,15 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
     settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    lm = riverllm.load(settings.model, progress=progress)
-    assistants = load_assistants(settings.methods, lm.engine.device)
+    lm = riverllm.load(settings.model, dtype=parse_dtype(settings.dtype), progress=progress)
+    assistants = load_assistants(settings.methods, lm.engine.device, lm.engine.dtype)
     prompts = bench_prompts(settings.tasks, settings.num_prompts)
     log = RecordLog(out / "samples.jsonl", ("prompt", "method"))
+    dtype = str(lm.engine.dtype).replace("torch.", "")
+    recorded = {r.get("dtype", "float32") for r in log.records.values()}
+    if recorded - {dtype}:
+        raise RiverError(f"{out} holds records taken in {', '.join(sorted(recorded))}, not {dtype}: "
+                         "resume with the same dtype or write to another folder")
     # Warm-up: builds the river and the low-bit head, touches every kernel once (not timed).
     for name in settings.methods:
         if not name.startswith("hf"):
@@ -116,9 +124,12 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
                 tokens, exits = result.token_ids, result.mean_exit_layer
                 extra = result.extra.get("drafting", {})
             seconds = time.perf_counter() - start
-            log.append(dict(prompt=key, method=name, tokens=tokens, seconds=seconds, mean_exit_layer=exits, **extra))
+            log.append(dict(prompt=key, method=name, tokens=tokens, seconds=seconds, mean_exit_layer=exits, dtype=dtype,
+                            **extra))
             bar.update()
-    return summarize(settings, [key for key, _ in prompts], log.records, lm.num_layers)
+    results = summarize(settings, [key for key, _ in prompts], log.records, lm.num_layers)
+    results["dtype"] = dtype
+    return results
 
 
 def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_layers: int) -> dict:
@@ -154,7 +165,7 @@ def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_
 def exact_markdown(results: dict, command: str = "") -> str:
     env, settings = results["environment"], results["settings"]
     lines = [f"# Exact decoding: {settings['model']}", "",
-             environment_line(env, "at the end"),
+             environment_line(env, "at the end") + (f" Weights in {results['dtype']}." if "dtype" in results else ""),
              f"{settings['num_prompts']} prompts each of {', '.join(settings['tasks'])} (chat template), greedy, up "
              f"to {settings['new_tokens']} new tokens or EOS; tok/s = new tokens / wall time of the whole "
              "generation (prefill included), summed over prompts; methods interleaved prompt by prompt.", ""]
