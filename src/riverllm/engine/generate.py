@@ -201,8 +201,10 @@ class GenerationResult:
                     f"{100 * drafting['acceptance_rate']:.0f}% of drafts accepted, "
                     f"{drafting['tokens_per_verify']:.2f} tokens per backbone pass, drafts left at layer "
                     f"{drafting['mean_draft_exit_layer']:.1f}/{self.num_layers}" + (f", {self.compute}" if self.compute else ""))
+        # a static mix (w4-last8) has no exits: its "exit layers" count the backbone layers it ran
+        depth = ("backbone layers" if "-last" in self.method else "mean exit layer")
         return (f"{len(self.token_ids)} tokens, {self.tokens_per_s:.1f} tok/s, {self.method}{tau}, "
-                f"mean exit layer {self.mean_exit_layer:.1f}/{self.num_layers}, "
+                f"{depth} {self.mean_exit_layer:.1f}/{self.num_layers}, "
                 f"{100 * self.full_precision_share:.0f}% of layers at full precision"
                 + (f", {self.compute}" if self.compute else ""))
 
