@@ -161,6 +161,19 @@ def test_float_rows_get_their_batch_1_bits_at_every_row_count(shape, dtype):
     assert 1 <= row_group(linear) <= MAX_ROW_GROUP
 
 
+def test_row_group_takes_every_row_count_that_keeps_the_bits(monkeypatch):
+    """A product whose every sum is exact in any order (zero weights: the bias alone) keeps its
+    bits at every row count, so the measured group is the largest allowed."""
+    from riverllm.engine import block
+
+    monkeypatch.setattr(block, "ALONE_IF_PAIR_COSTS", float("inf"))  # no timing: groups only
+    for dtype in (torch.float32, torch.bfloat16):
+        linear = torch.nn.Linear(64, 48).to(dtype)
+        torch.nn.init.zeros_(linear.weight)
+        monkeypatch.delitem(block._row_groups, (48, 64, torch.get_num_threads(), dtype), raising=False)
+        assert block.row_group(linear) == block.MAX_ROW_GROUP
+
+
 def test_rows_alone_give_each_row_its_own_call(monkeypatch):
     """Group 1 (chosen where the CPU's matrix-vector kernel beats its two-row GEMM): every row is
     multiplied alone, so a batch's rows equal their single runs whatever the CPU's GEMMs do."""

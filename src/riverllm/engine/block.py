@@ -133,7 +133,7 @@ def row_group(linear: nn.Linear) -> int:
             if paired > ALONE_IF_PAIR_COSTS * alone:
                 size = 1
             else:
-                paired_rows = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe])
+                paired_rows = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe.split(1)])  # [8, 1, out]
                 size = 2
                 while size < MAX_ROW_GROUP and torch.equal(linear(probe[:size + 1]), paired_rows[:size + 1]):
                     size += 1
