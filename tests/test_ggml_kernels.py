@@ -158,6 +158,7 @@ def test_bench_method_variants_parse():
 
     assert method_options("river:0.9@batch-min+ggml") == ("ggml", dict(method="river:0.9", exit_rule="batch-min"))
     assert method_options("w4") == ("torch", dict(method="w4", exit_rule="per-row"))
+    assert method_options("river3@8+ggml") == ("ggml", dict(method="river3@8", exit_rule="per-row"))  # a method
     with pytest.raises(RiverError, match=r"\+fast"):
         BatchBenchSettings("smollm2-135m", methods=("river:0.9+fast",)).check()
 

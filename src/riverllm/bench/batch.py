@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from riverllm.errors import RiverError
+from riverllm.policy import EXIT_RULES
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,10 @@ def split_method(name: str) -> tuple[str, str, dict]:
 def method_options(name: str) -> tuple[str, dict]:
     """'river:0.9@batch-min+ggml' -> ("ggml", generate options: method, exit_rule, ...)."""
     base, kernels, options = split_method(name)
-    method, _, rule = base.partition("@")
-    return kernels, dict(method=method, exit_rule=rule or "per-row", **options)
+    method, _, rule = base.rpartition("@")
+    if rule not in EXIT_RULES:  # river@K is a method (a fixed exit layer), not an exit rule
+        method, rule = base, "per-row"
+    return kernels, dict(method=method, exit_rule=rule, **options)
 
 
 def task_prompts(kind: str, count: int) -> list:
