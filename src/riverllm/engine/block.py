@@ -95,10 +95,9 @@ ALL_TWIN = RowSplit(twin_only=True)
 # and a River exit threshold or a twin's bf16 cast can turn that bit into another token. bfloat16
 # does it too (the AMD EPYC: a 4864-wide down projection gives one row other bits than 2 to 9
 # rows, which all agree). So decoding multiplies float rows in groups whose size never changes a
-# row's bits: `row_group`
-# measures, once per weight shape and thread count on this CPU, the most rows (up to
-# MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of itself; a single
-# row is then paired with a copy of itself. Where the CPU's matrix-vector kernel is much faster
+# row's bits: `row_group` measures, once per weight shape, dtype and thread count on this CPU, the
+# most rows (up to MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of
+# itself; a single row is then paired with a copy of itself. Where the CPU's matrix-vector kernel is much faster
 # than its two-row GEMM (the AMD EPYC: MKL's small-row float32 GEMMs cost about one matrix-vector
 # product per row there, so a paired row costs 2x), every row is multiplied alone instead (group
 # 1): a row alone is the same call at any batch size. The int4 twin kernels are row-stable
