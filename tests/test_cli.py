@@ -110,6 +110,8 @@ def test_inspect_writes_a_heatmap(tiny_dir, tmp_path):
     (["--bits", "5"], ["bits"]),
     (["--method", "river", "--draft-tokens", "3"], ["lossless method only"]),
     (["--method", "lossless", "--draft-tokens", "99"], ["draft tokens"]),
+    (["--method", "river", "--draft-lookup", "5"], ["lossless method only"]),
+    (["--method", "lossless", "--draft-lookup", "-1"], ["prompt-lookup drafts"]),
     (["--head-bits", "3"], ["low-bit LM head"]),
 ])
 def test_bad_arguments_get_one_line_errors(tiny_dir, args, words):

@@ -17,7 +17,7 @@ import torch
 from conftest import FAMILIES, MORE_FAMILIES, tiny_model
 from single_thread import one_thread  # noqa: F401  (rows of a batch are bit-stable with one thread)
 from riverllm.engine import DraftConfig, DraftStats, RiverEngine, SamplingConfig, decode, decode_lossless
-from riverllm.engine.lossless import Judge
+from riverllm.engine.lossless import Judge, lookup_drafts
 from riverllm.errors import RiverError
 from riverllm.policy import ExitPolicy
 from riverllm.river import QuantConfig, build_river, low_bit_head
@@ -131,6 +131,83 @@ def test_low_bit_draft_head_and_confidence_stop_stay_exact(family):
         assert stats[0].drafts_per_verify < 5  # unsure drafts stopped some cycles early
 
 
+def test_lookup_drafts_copy_what_followed_the_latest_longest_match():
+    context = [1, 2, 3, 9, 9, 7, 2, 3, 8, 5, 1, 2, 3]
+    assert lookup_drafts(context, 2) == [9, 9]  # "1 2 3" occurred at 0 (the longest tail that recurs)
+    assert lookup_drafts(context[:-1], 4) == [3, 9, 9, 7]  # only "1 2" recurs (at 0)
+    assert lookup_drafts(context[:8], 3) == [9, 9, 7]  # "2 3": the latest earlier occurrence, at 1
+    assert lookup_drafts([5, 6, 7, 5, 6], 3) == [7, 5, 6]
+    assert lookup_drafts([1, 2, 5, 1, 2, 6, 1, 2], 3) == [6, 1, 2]  # the latest of two earlier matches
+    assert lookup_drafts([4, 6, 7, 5, 6], 3) == []  # only the single token 6 recurs: below the 2-token minimum
+    assert lookup_drafts([4, 6, 7, 5, 6], 3, min_ngram=1) == [7, 5, 6]
+    assert lookup_drafts([3, 3, 3], 5) == [3]  # the continuation may run into the tail itself
+    assert lookup_drafts([7], 3) == []
+
+
+def repetitive_prompts(count: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, as code and quoting answers do, so that prompt lookup finds matches."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(count):
+        phrase = torch.randint(8, 320, (int(torch.randint(3, 9, (), generator=generator)),), generator=generator).tolist()
+        prompts.append(phrase * 3 + phrase[:2])
+    return prompts
+
+
+@pytest.mark.parametrize("lookup_tokens", [1, 4, 9])
+def test_prompt_lookup_drafts_stay_exact(family, lookup_tokens):
+    engine, river = family
+    looked_up = 0
+    for prompt in repetitive_prompts(3, seed=11) + prompts_of((6,), seed=12):
+        reference = dense_tokens(engine, prompt)
+        eos = reference[5]
+        stats = [DraftStats()]
+        drafting = DraftConfig(3, lookup_tokens=lookup_tokens)
+        events = list(decode_lossless(engine, [prompt], DRAFTS["tau"], river, NEW_TOKENS, drafting=drafting,
+                                      stats=stats))
+        assert tokens_of(events) == reference
+        looked_up += stats[0].looked_up
+        assert stats[0].looked_up_accepted <= stats[0].looked_up <= stats[0].drafted
+        for new_tokens in (1, 3, 8):  # copied blocks that cross the budget or hold an EOS
+            events = list(decode_lossless(engine, [prompt], DRAFTS["tau"], river, new_tokens, eos_token_ids=(eos,),
+                                          drafting=drafting))
+            assert tokens_of(events) == reference[:reference.index(eos) + 1][:new_tokens]
+    assert looked_up > 0  # the repeated phrases were found
+
+
+def test_prompt_lookup_batch_rows_and_cache_equal_dense(family):
+    engine, river = family
+    prompts = repetitive_prompts(2, seed=13) + prompts_of((4,), seed=14)
+    drafting = DraftConfig(2, lookup_tokens=5)
+    cache = engine.new_cache(len(prompts), max(map(len, prompts)) + NEW_TOKENS)
+    batched = list(decode_lossless(engine, prompts, DRAFTS["shallow"], river, NEW_TOKENS, drafting=drafting,
+                                   cache=cache))
+    for row, prompt in enumerate(prompts):
+        tokens = tokens_of(batched, row)
+        assert tokens == tokens_of(decode_lossless(engine, [prompt], DRAFTS["shallow"], river, NEW_TOKENS,
+                                                   drafting=drafting)) == dense_tokens(engine, prompt)
+        held = cache.lengths[row]
+        reference = engine.new_cache(1, held)
+        engine.prefill([prompt + tokens[:-1]], reference, ExitPolicy())
+        for layer in range(engine.num_layers):
+            torch.testing.assert_close(cache.keys[layer][row:row + 1, :, :held], reference.keys[layer],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_copied_draft_acceptance_reproduces_the_target_distribution():
+    """A copied draft is a draft whose law is all mass on one token: accepted with probability
+    p(token), else resampled from p without it, so the emitted token still follows p."""
+    judge = Judge(SamplingConfig(temperature=1.0, seed=1), torch.device("cpu"))
+    p_logits = torch.tensor([[0.5, 1.5, 0.0, -0.5], [0.0, 0.0, 0.0, 0.0]])
+    p = torch.softmax(p_logits[0], dim=-1)
+    draws = 20000
+    counts = torch.zeros(4)
+    for _ in range(draws):
+        counts[judge.accept(p_logits, [2], [None])[0]] += 1
+    chi2 = float((((counts - draws * p) ** 2) / (draws * p)).sum())
+    assert chi2 < 16.3, (counts / draws, p)
+
+
 def test_acceptance_rule_reproduces_the_target_distribution():
     """Speculative sampling: whatever the draft law q, accepted-or-resampled tokens follow p."""
     judge = Judge(SamplingConfig(temperature=1.0, seed=0), torch.device("cpu"))
@@ -190,6 +267,16 @@ def test_api_lossless_equals_dense_on_smollm2(smollm2):
                                               for p in prompts]
 
 
+def test_api_drafts_by_prompt_lookup_by_default(smollm2):
+    prompt = "Repeat exactly: the river runs to the sea, the river runs to the sea, the river runs to the sea."
+    dense = smollm2.generate(prompt, method="dense", max_new_tokens=32)
+    default = smollm2.generate(prompt, method="lossless", max_new_tokens=32)
+    river_only = smollm2.generate(prompt, method="lossless", max_new_tokens=32, draft_lookup=0)
+    assert default.token_ids == river_only.token_ids == dense.token_ids
+    assert default.extra["drafting"]["looked_up"] > 0 == river_only.extra["drafting"]["looked_up"]
+    assert default.extra["drafting"]["verifies"] < river_only.extra["drafting"]["verifies"]
+
+
 def test_api_stop_string_inside_a_draft_block(smollm2):
     prompt = "Count from one to ten in words, separated by commas."
     dense = smollm2.generate(prompt, method="dense", max_new_tokens=40)
@@ -203,6 +290,8 @@ def test_api_stop_string_inside_a_draft_block(smollm2):
     (dict(method="river", draft_tokens=3), "lossless method only"),
     (dict(method="lossless", draft_tokens=0), "draft tokens must be between"),
     (dict(method="lossless", draft_confidence=1.5), "draft confidence"),
+    (dict(method="river", draft_lookup=5), "lossless method only"),
+    (dict(method="lossless", draft_lookup=99), "prompt-lookup drafts must be between"),
     (dict(method="river", head_bits=3), "low-bit LM head supports"),
     (dict(method="mask:0.9", head_bits=4), "low-bit LM head applies"),
 ])
@@ -220,15 +309,17 @@ def test_exact_bench_compares_every_exact_method_with_dense(tmp_path):
 
     from riverllm.bench.exact import ExactBenchSettings, exact_markdown, run_exact_bench
 
-    settings = ExactBenchSettings(model="smollm2-135m", methods=("dense", "lossless:0.9", "hf", "hf-lookup"),
+    settings = ExactBenchSettings(model="smollm2-135m",
+                                  methods=("dense", "lossless:0.9", "lossless:0.9+lookup4", "hf", "hf-lookup"),
                                   tasks=("gsm8k",), num_prompts=2, new_tokens=24, threads=1)
     results = run_exact_bench(settings, tmp_path, progress=False)
     rows = {r["method"]: r for r in results["rows"]}
     for name in settings.methods:
         assert rows[name]["identical_to_dense"] == rows[name]["compared"] == 2, name
     assert 0 < rows["lossless:0.9"]["acceptance_rate"] <= 1
+    assert rows["lossless:0.9"]["looked_up_share"] == 0 < rows["lossless:0.9+lookup4"]["looked_up_share"] <= 1
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 10
     (tmp_path / "samples.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if killed after five records
     run_exact_bench(settings, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -253,3 +344,10 @@ def test_teacher_forced_lossless_is_dense_and_the_low_bit_head_costs_little(smol
     assert not torch.equal(low_bit, dense)  # the 4-bit head really runs
     agree = (low_bit.argmax(-1) == dense.argmax(-1)).float().mean().item()
     assert agree >= 0.8, agree
+
+
+def test_lookup_variant_applies_to_lossless_only():
+    from riverllm.bench.exact import ExactBenchSettings
+
+    with pytest.raises(RiverError, match=r"\+lookup applies to lossless methods only"):
+        ExactBenchSettings(model="smollm2-135m", methods=("dense", "river:0.9+lookup")).check()

@@ -41,10 +41,14 @@ class StreamEvent:
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_DRAFT_TOKENS = 16
+MAX_LOOKUP_TOKENS = 32
 # Drafts per backbone pass when no profile says otherwise. On a CPU, verifying 1-3 tokens costs one
 # dense step but 4 or more cost ~1.8 (fp32 GEMM switches kernels at 4 rows), so 2 drafts are the
 # sweet spot there (docs/lossless.md); a GPU verifies a few more tokens for almost nothing.
 DEFAULT_DRAFT_TOKENS = {"cpu": 2, "cuda": 4}
+# Prompt-lookup drafts per cycle where the context matches (docs/lossless.md): on a CPU a verify
+# pass over 1 + 7 rows is one bfloat16 row group; a GPU verifies 11 rows for about one step.
+DEFAULT_DRAFT_LOOKUP = {"cpu": 7, "cuda": 10}
 KERNELS = ("torch", "ggml")
 DEFAULT_DRAFT_HEAD_BITS = 4
 MAX_SEED = 2**63 - 1
@@ -54,7 +58,7 @@ def check_generation_options(method: str | Method = "river", tau: float | None =
                              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                              bits: int | None = None, seed: int | None = None, head_bits: int | None = None,
                              draft_tokens: int | None = None, draft_confidence: float | None = None,
-                             **_ignored) -> Method:
+                             draft_lookup: int | None = None, **_ignored) -> Method:
     """Validate what can be validated without a model (so that a typo fails before a slow load)."""
     method = Method.parse(method, bits) if isinstance(method, str) else method
     if tau is not None:
@@ -74,12 +78,15 @@ def check_generation_options(method: str | Method = "river", tau: float | None =
         raise RiverError(f"the low-bit LM head supports {', '.join(map(str, HEAD_BITS))} bits, got {head_bits}")
     if head_bits is not None and not (method.needs_river or method.kind == "dense"):
         raise RiverError(f"a low-bit LM head applies to dense, w, river and lossless methods, not '{method.name}'")
-    if (draft_tokens is not None or draft_confidence is not None) and method.kind != "lossless":
+    if (draft_tokens is not None or draft_confidence is not None or draft_lookup is not None) \
+            and method.kind != "lossless":
         raise RiverError(f"draft settings apply to the lossless method only, not '{method.name}'")
     if draft_tokens is not None and not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise RiverError(f"draft tokens must be between 1 and {MAX_DRAFT_TOKENS}, got {draft_tokens}")
     if draft_confidence is not None and not 0 <= draft_confidence < 1:
         raise RiverError(f"the draft confidence must be in [0, 1), got {draft_confidence:g}")
+    if draft_lookup is not None and not 0 <= draft_lookup <= MAX_LOOKUP_TOKENS:
+        raise RiverError(f"prompt-lookup drafts must be between 0 (off) and {MAX_LOOKUP_TOKENS}, got {draft_lookup}")
     return method
 
 
@@ -167,6 +174,9 @@ class RiverLM:
         if bits in self.profile_lossless:
             return self.profile_lossless[bits][1]
         return DEFAULT_DRAFT_TOKENS.get(self.engine.device.type, DEFAULT_DRAFT_TOKENS["cuda"])
+
+    def default_draft_lookup(self) -> int:
+        return DEFAULT_DRAFT_LOOKUP.get(self.engine.device.type, DEFAULT_DRAFT_LOOKUP["cuda"])
 
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: set[int] = set()
@@ -290,7 +300,8 @@ class RiverLM:
                      bits: int | None = None, min_exit_layer: int = 1, max_backbone_layers: int | None = None,
                      ignore_eos: bool = False, use_cuda_graphs: bool | None = None,
                      exit_rule: str = "per-row", head_bits: int | None = None, draft_tokens: int | None = None,
-                     draft_confidence: float | None = None) -> Iterator[tuple[int, StreamEvent]]:
+                     draft_confidence: float | None = None, draft_lookup: int | None = None,
+                     ) -> Iterator[tuple[int, StreamEvent]]:
         """The one generation loop behind `generate`, `generate_batch` and `stream`:
         yields (row, event) as tokens arrive; each row's last event carries its result.
 
@@ -301,11 +312,13 @@ class RiverLM:
         head_bits: read the LM head as a low-bit copy (lossy; off by default, except for the
         lossless method's drafts, which default to 4 bits since verification makes them safe).
         draft_tokens / draft_confidence: the lossless method's drafts per cycle and the top-1
-        probability below which a row stops drafting (engine/lossless.py)."""
+        probability below which a row stops drafting (engine/lossless.py). draft_lookup: up to this
+        many drafts copied from the context where its last tokens occurred before (prompt lookup),
+        River drafting where they did not; None: the device's default, 0: off."""
         if not prompts:
             raise RiverError("no prompts given")
         check_generation_options(method, tau, max_new_tokens, temperature, top_p, top_k, bits, seed, head_bits,
-                                 draft_tokens, draft_confidence)
+                                 draft_tokens, draft_confidence, draft_lookup)
         method, policy, river = self._policy(method, tau, bits, min_exit_layer, max_backbone_layers, exit_rule)
         used_tau, tau_source = self.tau_used(method, tau)
         prompt_ids = [self.encode(p, raw) for p in prompts]
@@ -329,7 +342,8 @@ class RiverLM:
         lossless = method.kind == "lossless"
         if lossless:
             head_bits = DEFAULT_DRAFT_HEAD_BITS if head_bits is None else head_bits
-            drafting = DraftConfig(draft_tokens or self.default_draft_tokens(method.bits), draft_confidence or 0.0)
+            drafting = DraftConfig(draft_tokens or self.default_draft_tokens(method.bits), draft_confidence or 0.0,
+                                   lookup_tokens=self.default_draft_lookup() if draft_lookup is None else draft_lookup)
             draft_stats = [DraftStats() for _ in prompts]
             events = decode_lossless(self.engine, prompt_ids, policy, river, budget, sampling, eos, pad, check,
                                      drafting, self.low_bit_head(head_bits) if head_bits else None, draft_stats)

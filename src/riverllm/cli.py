@@ -103,6 +103,9 @@ def generate(
                                                "at most (default 4)"),
     draft_confidence: Optional[float] = typer.Option(None, "--draft-confidence", help="lossless: stop drafting "
                                                      "when the draft's top-1 probability is below this (default 0)"),
+    draft_lookup: Optional[int] = typer.Option(None, "--draft-lookup", help="lossless: also draft up to this many "
+                                               "tokens copied from the prompt or output where its last tokens "
+                                               "occurred before (prompt lookup; default 7 on CPU, 10 on GPU; 0: off)"),
     device: Optional[str] = DeviceOption,
     dtype: str = DtypeOption,
     threads: Optional[int] = ThreadsOption,
@@ -115,7 +118,7 @@ def generate(
     options = dict(method=method, tau=tau, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, seed=seed, stop=[unescape(s) for s in stop], raw=raw, bits=bits,
                    min_exit_layer=min_exit_layer, max_backbone_layers=max_backbone_layers, head_bits=head_bits,
-                   draft_tokens=draft_tokens, draft_confidence=draft_confidence)
+                   draft_tokens=draft_tokens, draft_confidence=draft_confidence, draft_lookup=draft_lookup)
     check_generation_options(**options)  # fail on a typo before the slow load
     QuantConfig(bits, group_size)
     if not prompt.strip():
@@ -451,8 +454,9 @@ def bench(
     methods: Optional[str] = typer.Option(None, "--methods", help="with --batch-sizes: methods (default dense,w4,"
                                           "river:0.9,river:0.9@batch-min; @batch-min: the paper's batch exit rule; "
                                           "+ggml: on the ggml kernels, e.g. river:0.9+ggml); "
-                                          "with --exact: methods (default dense,river:0.9,lossless:0.9,hf,hf-lookup; "
-                                          "also hf-assisted:MODEL)"),
+                                          "with --exact: methods (default dense,river:0.9,lossless:0.9,lossless:0.9+lookup,hf,"
+                                          "hf-lookup; lossless:TAU is River's drafts alone, +lookup[N] adds prompt-"
+                                          "lookup drafts; also hf-assisted:MODEL)"),
     exact: bool = typer.Option(False, "--exact", help="with --model: exact decoding side by side (dense, lossless, "
                                "transformers' generate, prompt lookup, assisted generation) on HumanEval and GSM8K "
                                "prompts, with tokens compared to dense; resumes in --out"),
@@ -490,7 +494,7 @@ def bench(
         if not model:
             fail("--exact needs --model (a real model: acceptance depends on real weights)")
         exact_settings = ExactBenchSettings(
-            model=model, methods=tuple(m.strip() for m in (methods or "dense,river:0.9,lossless:0.9,hf,hf-lookup")
+            model=model, methods=tuple(m.strip() for m in (methods or ",".join(ExactBenchSettings.methods))
                                        .split(",") if m.strip()),
             tasks=("humaneval", "gsm8k") if prompts == "random" else tuple(t.strip() for t in prompts.split(",")),
             num_prompts=num_prompts, new_tokens=new_tokens or 256, threads=threads, draft_tokens=draft_tokens,

@@ -16,6 +16,7 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,17 +30,21 @@ from riverllm.cpu import parse_dtype
 from riverllm.errors import RiverError
 
 HF_METHODS = ("hf", "hf-lookup")  # plus hf-assisted:MODEL
+# lossless:0.9+lookup (or +lookup7): lossless with prompt-lookup drafts where the context matches
+# (`draft_lookup`: the library's default count, or 7), River's drafts elsewhere. Plain lossless:0.9
+# here is River's drafts alone (draft_lookup=0), so that each name means one thing.
+LOOKUP = re.compile(r"\+lookup(\d+)?$")
 
 
 @dataclass(frozen=True)
 class ExactBenchSettings:
     model: str
-    methods: tuple[str, ...] = ("dense", "river:0.9", "lossless:0.9", "hf", "hf-lookup")
+    methods: tuple[str, ...] = ("dense", "river:0.9", "lossless:0.9", "lossless:0.9+lookup", "hf", "hf-lookup")
     tasks: tuple[str, ...] = ("humaneval", "gsm8k")
     num_prompts: int = 20  # per task
     new_tokens: int = 256
     threads: int | None = None
-    lookup_tokens: int = 10  # prompt_lookup_num_tokens
+    lookup_tokens: int = 10  # transformers' prompt_lookup_num_tokens
     draft_tokens: int | None = None  # lossless drafts per cycle (None: the library default)
     dtype: str | None = None  # float32 | bfloat16 | float16 for every model here (None: float32 on CPU)
 
@@ -54,7 +59,10 @@ class ExactBenchSettings:
         for name in self.methods:
             if name in HF_METHODS or name.startswith("hf-assisted:"):
                 continue
-            Method.parse(name)
+            base = LOOKUP.sub("", name)
+            if base != name and Method.parse(base).kind != "lossless":
+                raise RiverError(f"'{name}': +lookup applies to lossless methods only, e.g. lossless:0.9+lookup")
+            Method.parse(base)
         parse_dtype(self.dtype)
         if "dense" not in self.methods:
             raise RiverError("with --exact, --methods must include dense (every output is compared with it)")
@@ -74,6 +82,15 @@ def hf_generate(lm, name: str, ids: list[int], new_tokens: int, lookup_tokens: i
     with torch.no_grad():
         output = model.generate(input_ids, **options)
     return output[0, len(ids):].tolist()
+
+
+def generate_options(settings: ExactBenchSettings, name: str) -> dict:
+    """Our method name -> `RiverLM.generate` options."""
+    if not name.startswith("lossless"):
+        return {"method": name}
+    lookup = LOOKUP.search(name)
+    return {"method": LOOKUP.sub("", name), "draft_tokens": settings.draft_tokens,
+            "draft_lookup": (int(lookup[1]) if lookup[1] else None) if lookup else 0}
 
 
 def load_assistants(methods: tuple[str, ...], device, dtype: torch.dtype | None = None) -> dict:
@@ -106,7 +123,7 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
     # Warm-up: builds the river and the low-bit head, touches every kernel once (not timed).
     for name in settings.methods:
         if not name.startswith("hf"):
-            lm.generate(prompts[0][1], method=name, max_new_tokens=3)
+            lm.generate(prompts[0][1], max_new_tokens=3, **generate_options(settings, name))
 
     todo = [(key, prompt, name) for key, prompt in prompts for name in settings.methods if (key, name) not in log]
     with tqdm(total=len(todo), desc="exact bench", unit="run", disable=not progress) as bar:
@@ -119,8 +136,7 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
                 tokens = hf_generate(lm, name, ids, settings.new_tokens, settings.lookup_tokens, assistants)
                 exits = None
             else:
-                options = {"draft_tokens": settings.draft_tokens} if name.startswith("lossless") else {}
-                result = lm.generate(prompt, method=name, max_new_tokens=settings.new_tokens, **options)
+                result = lm.generate(prompt, max_new_tokens=settings.new_tokens, **generate_options(settings, name))
                 tokens, exits = result.token_ids, result.mean_exit_layer
                 extra = result.extra.get("drafting", {})
             seconds = time.perf_counter() - start
@@ -148,7 +164,8 @@ def summarize(settings: ExactBenchSettings, keys: list[str], records: dict, num_
             drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
             verifies = sum(r["verifies"] for r in runs)
             row.update(acceptance_rate=accepted / max(drafted, 1), tokens_per_verify=(accepted + verifies) / verifies,
-                       drafts_per_verify=drafted / verifies)
+                       drafts_per_verify=drafted / verifies,
+                       looked_up_share=sum(r.get("looked_up", 0) for r in runs) / max(drafted, 1))
         if runs[0].get("mean_exit_layer") is not None:
             row["mean_exit_layer"] = sum(r["mean_exit_layer"] for r in runs) / len(runs)
         rows.append(row)

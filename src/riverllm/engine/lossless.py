@@ -6,6 +6,9 @@ draft model that needs no training and no cache of its own. A cycle, per row:
 1. Draft: from the last accepted token (not yet in the cache), decode up to `max_drafts` tokens
    with River, per-token exits as usual. Drafting stops early at an EOS token, at the row's token
    budget, or when the draft is unsure (its top-1 probability below `min_confidence`).
+   With `lookup_tokens` set, a row whose last few tokens occurred earlier in its prompt or output
+   drafts the tokens that followed them there instead (prompt-lookup decoding, Saxena 2023; no
+   layer runs for such a draft); River drafts the cycles where the context has no match.
 2. Verify: rewind the row to where the cycle started and run the full-precision backbone over the
    accepted token plus the drafts, at their slots, in one forward pass. It overwrites those slots'
    K/V at every layer with the backbone's, so the cache is exactly dense decoding's.
@@ -42,6 +45,21 @@ from riverllm.engine.generate import Sampler, SamplingConfig, StepEvent
 from riverllm.policy import ExitPolicy
 
 BACKBONE = ExitPolicy()  # the verifier: every layer, full precision
+LOOKUP_MAX_NGRAM = 4  # prompt lookup tries the context's last 4 tokens first, then 3, ... down to the minimum
+
+
+def lookup_drafts(context: list[int], count: int, min_ngram: int = 2) -> list[int]:
+    """Prompt-lookup drafts: up to `count` tokens that followed the latest earlier occurrence of the
+    context's last n tokens, for the longest n from LOOKUP_MAX_NGRAM down to min_ngram that occurs;
+    [] when none does. Vectorized: a cycle of a long context on a GPU must not wait on a Python scan."""
+    tokens = torch.tensor(context)
+    for n in range(min(LOOKUP_MAX_NGRAM, len(context) - 1), min_ngram - 1, -1):
+        earlier = tokens[:-1].unfold(0, n, 1)  # every n-gram with a token after it (the tail itself excluded)
+        hits = (earlier == tokens[-n:]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n  # the latest: the nearest context is the likeliest to repeat
+            return context[start:start + count]
+    return []
 
 
 @dataclass(frozen=True)
@@ -50,12 +68,23 @@ class DraftConfig:
     # Stop drafting once the draft's top-1 probability falls below this: a draft that unsure is
     # likely rejected, and every rejected draft costs a River step plus a verify row.
     min_confidence: float = 0.0
+    # Prompt lookup: draft up to this many tokens copied from the context where its last tokens
+    # occurred before (0: off). Code and quoting answers repeat their prompt; a copied draft costs
+    # no layer at all, only its row in the verify pass.
+    lookup_tokens: int = 0
+    # The shortest tail that counts as a match: single tokens recur everywhere and their
+    # continuations are mostly wrong, so a lone-token match would replace a better River draft.
+    lookup_min_ngram: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_drafts <= 64:
             raise ValueError(f"max_drafts must be in 1..64, got {self.max_drafts}")
         if not 0.0 <= self.min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
+        if not 0 <= self.lookup_tokens <= 64:
+            raise ValueError(f"lookup_tokens must be in 0..64, got {self.lookup_tokens}")
+        if not 1 <= self.lookup_min_ngram <= LOOKUP_MAX_NGRAM:
+            raise ValueError(f"lookup_min_ngram must be in 1..{LOOKUP_MAX_NGRAM}, got {self.lookup_min_ngram}")
 
 
 @dataclass
@@ -65,6 +94,8 @@ class DraftStats:
     verifies: int = 0  # cycles (one backbone pass each)
     drafted: int = 0
     accepted: int = 0
+    looked_up: int = 0  # of the drafted tokens, those copied by prompt lookup
+    looked_up_accepted: int = 0
     draft_exit_layers: list[int] = field(default_factory=list)
     reusable_layers: int = 0  # see the module docstring: backbone layers a verify could have skipped
 
@@ -89,7 +120,8 @@ class DraftStats:
         return {"verifies": self.verifies, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_verify": self.tokens_per_verify,
                 "drafts_per_verify": self.drafts_per_verify, "mean_draft_exit_layer": self.mean_draft_exit_layer,
-                "reusable_layers": self.reusable_layers}
+                "reusable_layers": self.reusable_layers, "looked_up": self.looked_up,
+                "looked_up_accepted": self.looked_up_accepted}
 
 
 class Judge(Sampler):
@@ -116,7 +148,8 @@ class Judge(Sampler):
 
     def accept(self, logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tensor | None]) -> list[int]:
         """Backbone logits [m+1, vocab] at the accepted token and each draft -> the tokens to emit:
-        the accepted drafts, then the backbone's correction or bonus token."""
+        the accepted drafts, then the backbone's correction or bonus token. When sampling, a draft
+        whose law is None was copied (prompt lookup): its law is all mass on the token."""
         if self.warpers is None:
             targets = logits.argmax(dim=-1).tolist()  # one host read for the whole block
             accepted = 0
@@ -125,6 +158,9 @@ class Judge(Sampler):
             return drafts[:accepted] + [targets[accepted]]
         p = self.probs(logits)
         for i, (token, q) in enumerate(zip(drafts, draft_probs)):
+            if q is None:
+                q = torch.zeros_like(p[i])
+                q[token] = 1.0
             ratio = float(p[i, token]) / max(float(q[token]), 1e-30)
             if ratio >= 1.0 or float(torch.rand((), generator=self.generator)) < ratio:
                 continue
@@ -184,8 +220,10 @@ class LosslessDecoder:
         draft_probs: dict[int, list[torch.Tensor | None]] = {i: [] for i in rows}
         draft_exits: dict[int, list[int]] = {i: [] for i in rows}
         # A cycle emits the drafts it accepts plus one backbone token: leave room for that one.
-        room = {i: min(self.drafting.max_drafts, self.max_new_tokens - len(self.generated[i]) - 1) for i in rows}
-        active = [i for i in rows if room[i] > 0]
+        left = {i: self.max_new_tokens - len(self.generated[i]) - 1 for i in rows}
+        copied = {i for i in rows if left[i] > 0 and self._look_up(i, drafts, draft_probs, draft_exits, left[i])}
+        room = {i: min(self.drafting.max_drafts, left[i]) for i in rows}
+        active = [i for i in rows if room[i] > 0 and i not in copied]
         last = {i: self.pending[i] for i in rows}
         need_confidence = self.drafting.min_confidence > 0
         while active:
@@ -223,9 +261,23 @@ class LosslessDecoder:
             record.verifies += 1
             record.drafted += m
             record.accepted += accepted
-            record.draft_exit_layers.extend(draft_exits[i])
-            record.reusable_layers += sum(_prefix_minimum(draft_exits[i]))
+            if i in copied:
+                record.looked_up += m
+                record.looked_up_accepted += accepted
+            else:
+                record.draft_exit_layers.extend(draft_exits[i])
+                record.reusable_layers += sum(_prefix_minimum(draft_exits[i]))
         return self._emit(blocks, exits, time.perf_counter() - start)
+
+    def _look_up(self, i: int, drafts: dict, draft_probs: dict, draft_exits: dict, room: int) -> bool:
+        """Fill row i's drafts by prompt lookup; False when off or the context has no match. A
+        copied draft ran no layer: its exit layer is 0."""
+        if not self.drafting.lookup_tokens:
+            return False
+        copied = lookup_drafts(self.prompts[i] + self.generated[i], min(self.drafting.lookup_tokens, room),
+                               self.drafting.lookup_min_ngram)
+        drafts[i], draft_probs[i], draft_exits[i] = copied, [None] * len(copied), [0] * len(copied)
+        return bool(copied)
 
     def _emit(self, blocks: dict[int, list[int]], exits: dict[int, list[int]], seconds: float) -> list[StepEvent]:
         """One event per token position of a cycle; a row's tokens after its end are dropped."""

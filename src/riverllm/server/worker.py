@@ -101,7 +101,7 @@ class Row:
 
         self.decoder: LosslessDecoder | None = None  # the lossless method's draft-verify cycles
         if method.kind == "lossless":
-            drafting = DraftConfig(lm.default_draft_tokens(method.bits))
+            drafting = DraftConfig(lm.default_draft_tokens(method.bits), lookup_tokens=lm.default_draft_lookup())
             head = lm.low_bit_head(DEFAULT_DRAFT_HEAD_BITS)
             self.decoder = LosslessDecoder(lm.engine, [prompt_ids], policy, river, self.budget,
                                            self.sampler.sampling, eos, drafting=drafting, draft_head=head,
