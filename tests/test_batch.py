@@ -17,6 +17,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from single_thread import one_thread  # noqa: F401  (see the module docstring)
 from riverllm.engine import RiverEngine, SamplingConfig, decode
+from riverllm.errors import RiverError
 from riverllm.policy import ExitPolicy
 from riverllm.river import QuantConfig, build_river
 
@@ -186,3 +187,17 @@ def test_rows_alone_give_each_row_its_own_call(monkeypatch):
     with torch.no_grad():
         batch = block.stable_rows(linear, x)
         assert all(torch.equal(batch[r:r + 1], linear(x[r:r + 1])) for r in range(5))
+
+
+def test_batch_bench_in_bfloat16_keeps_rows_invariant():
+    """`riverllm bench --batch-sizes --dtype bfloat16`: bf16 rows go through the measured row groups
+    too, so a batched row still equals its batch-1 run; a bad dtype is refused before loading."""
+    from riverllm.bench.batch import BatchBenchSettings, batch_markdown, run_batch_bench
+
+    with pytest.raises(RiverError, match="--dtype must be"):
+        BatchBenchSettings("smollm2-135m", dtype="float8").check()
+    settings = BatchBenchSettings("smollm2-135m", batch_sizes=(1, 3), methods=("dense", "river:0.9"), num_prompts=3,
+                                  new_tokens=3, check_tokens=8, dtype="bfloat16", threads=1)
+    report = run_batch_bench(settings, progress=False)
+    assert report["dtype"] == "bfloat16" and "Weights in bfloat16." in batch_markdown(report)
+    assert [(i["method"], i["identical"]) for i in report["invariance"]] == [("dense", 3), ("river:0.9", 3)]

@@ -517,7 +517,7 @@ def bench(
             methods=tuple(m.strip() for m in (methods or "dense,w4,river:0.9,river:0.9@batch-min").split(",")
                           if m.strip()),
             prompts=prompts if prompts != "random" else "gsm8k", num_prompts=max(num_prompts, max(sizes or (1,))),
-            new_tokens=new_tokens or 32, check_tokens=check_tokens, threads=threads)
+            new_tokens=new_tokens or 32, check_tokens=check_tokens, threads=threads, dtype=dtype)
         batch_settings.check()
         results = run_batch_bench(batch_settings)
         write_bench_outputs(out, results, batch_markdown(results, command))

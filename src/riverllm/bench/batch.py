@@ -34,8 +34,12 @@ class BatchBenchSettings:
     new_tokens: int = 32
     check_tokens: int = 128  # tokens of the invariance check (0: skip it)
     threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    dtype: str | None = None  # float32 | bfloat16 | float16 (None: float32 on CPU)
 
     def check(self) -> None:
+        from riverllm.cpu import parse_dtype
+
+        parse_dtype(self.dtype)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise RiverError("--batch-sizes takes positive integers, e.g. 1,4,8,16")
         if self.num_prompts < max(self.batch_sizes):
@@ -99,7 +103,9 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
     settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    lm = riverllm.load(settings.model, progress=progress)
+    from riverllm.cpu import parse_dtype
+
+    lm = riverllm.load(settings.model, dtype=parse_dtype(settings.dtype), progress=progress)
     prompts = task_prompts(settings.prompts, settings.num_prompts)
     for name in settings.methods:
         kernels, options = method_options(name)
@@ -145,7 +151,8 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
                                 for a, b in zip(alone, batched)]
             invariance.append(dict(method=name, batch_size=size, prompts=len(prompts), identical=sum(same),
                                    first_difference=first_difference))
-    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance, environment=environment())
+    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance, environment=environment(),
+                dtype=str(lm.engine.dtype).replace("torch.", ""))
 
 
 def environment() -> dict:
@@ -172,7 +179,7 @@ def environment_line(env: dict, when: str, threads: bool = True) -> str:
 def batch_markdown(results: dict, command: str = "") -> str:
     env = results["environment"]
     lines = [f"# Batched decoding: {results['settings']['model']}", "",
-             environment_line(env, "at start"),
+             environment_line(env, "at start") + (f" Weights in {results['dtype']}." if "dtype" in results else ""),
              f"{results['settings']['num_prompts']} {results['settings']['prompts']} prompts, "
              f"{results['settings']['new_tokens']} new tokens per row (EOS ignored), greedy.", ""]
     if command:

@@ -102,7 +102,9 @@ ALL_TWIN = RowSplit(twin_only=True)
 # product per row there, so a paired row costs 2x), every row is multiplied alone instead (group
 # 1): a row alone is the same call at any batch size. The int4 twin kernels are row-stable
 # already (measured: docs/engine.md).
-MAX_ROW_GROUP = 8
+# 16: a server's default batch in one call (bfloat16 on the AMD EPYC: 2..16 rows all agree, and 16
+# rows in one call cost ~1.4x one row against ~2.5x for two calls of 8).
+MAX_ROW_GROUP = 16
 ROW_GROUP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALONE_IF_PAIR_COSTS = 1.5  # a paired row must cost this many single rows before rows go alone
 _row_groups: dict[tuple[int, int, int, torch.dtype], int] = {}
