@@ -99,11 +99,12 @@ def decode_rate(results) -> tuple[float, int]:
 
 def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict:
     import riverllm
+    from riverllm.cpu import parse_dtype
 
     settings.check()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    from riverllm.cpu import parse_dtype
+    started = environment()  # the load before this run adds its own
 
     lm = riverllm.load(settings.model, dtype=parse_dtype(settings.dtype), progress=progress)
     prompts = task_prompts(settings.prompts, settings.num_prompts)
@@ -151,7 +152,7 @@ def run_batch_bench(settings: BatchBenchSettings, progress: bool = True) -> dict
                                 for a, b in zip(alone, batched)]
             invariance.append(dict(method=name, batch_size=size, prompts=len(prompts), identical=sum(same),
                                    first_difference=first_difference))
-    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance, environment=environment(),
+    return dict(kind="batch", settings=asdict(settings), rows=rows, invariance=invariance, environment=started,
                 dtype=str(lm.engine.dtype).replace("torch.", ""))
 
 
