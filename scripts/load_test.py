@@ -498,6 +498,8 @@ def main() -> None:
     parser.add_argument("--method", default="river", help="method of the servers this script starts")
     parser.add_argument("--kernels", default="torch", help="--kernels of the servers this script starts (torch | "
                         "ggml); a ggml run writes MODEL_ggml.json/.md")
+    parser.add_argument("--dtype", default="auto", help="--dtype of the servers this script starts (auto: "
+                        "bfloat16 on a CPU with native bfloat16); another than auto is in the file's name")
     parser.add_argument("--max-batch-sizes", default="1,16",
                         help="servers to start one after the other; the first is the baseline (1: FIFO)")
     parser.add_argument("--requests", type=int, default=200)
@@ -531,7 +533,7 @@ def main() -> None:
         for size in sizes:
             port = free_port()
             server = start_server(args.model, args.device, args.method, port,
-                                  ["--max-batch-size", str(size), "--kernels", args.kernels])
+                                  ["--max-batch-size", str(size), "--kernels", args.kernels, "--dtype", args.dtype])
             try:
                 if references is None:  # the batch-1 answers, from the first (FIFO) server, alone
                     plans = plan_requests(args.requests, args.stream_share, args.cancel_share, 0,
@@ -559,6 +561,8 @@ def main() -> None:
         name = args.model.replace("/", "_").removesuffix(".gguf") if args.url is None else "url"
         if args.url is None and args.kernels != "torch":
             name += f"_{args.kernels}"
+        if args.url is None and args.dtype != "auto":
+            name += f"_{args.dtype}"
         write_atomically(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
         if args.url is None:
             write_atomically(args.out / f"{name}.md", compare_markdown(result))

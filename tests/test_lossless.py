@@ -351,3 +351,19 @@ def test_lookup_variant_applies_to_lossless_only():
 
     with pytest.raises(RiverError, match=r"\+lookup applies to lossless methods only"):
         ExactBenchSettings(model="smollm2-135m", methods=("dense", "river:0.9+lookup")).check()
+
+
+def test_default_drafts_follow_the_device_and_dtype(smollm2):
+    """No profile: 2 River drafts in float32 on a CPU (a 4-row GEMM costs ~2 steps there), 4 in
+    bfloat16 (flat for 1-8 rows); prompt lookup on with 7 drafts on a CPU."""
+    from riverllm.api import DEFAULT_DRAFT_LOOKUP, DEFAULT_DRAFT_TOKENS
+
+    saved = smollm2.profile_lossless
+    smollm2.profile_lossless = {}
+    try:
+        expected = DEFAULT_DRAFT_TOKENS["cpu" if smollm2.engine.dtype == torch.float32 else "cpu-bf16"]
+        assert smollm2.default_draft_tokens(4) == expected
+        assert smollm2.default_draft_lookup() == DEFAULT_DRAFT_LOOKUP["cpu"] == 7
+        assert DEFAULT_DRAFT_TOKENS["cpu"] == 2 and DEFAULT_DRAFT_TOKENS["cpu-bf16"] == 4
+    finally:
+        smollm2.profile_lossless = saved

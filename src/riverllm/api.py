@@ -42,10 +42,12 @@ class StreamEvent:
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_DRAFT_TOKENS = 16
 MAX_LOOKUP_TOKENS = 32
-# Drafts per backbone pass when no profile says otherwise. On a CPU, verifying 1-3 tokens costs one
-# dense step but 4 or more cost ~1.8 (fp32 GEMM switches kernels at 4 rows), so 2 drafts are the
-# sweet spot there (docs/lossless.md); a GPU verifies a few more tokens for almost nothing.
-DEFAULT_DRAFT_TOKENS = {"cpu": 2, "cuda": 4}
+# Drafts per backbone pass when no profile says otherwise. On a CPU in float32, verifying 1-3 tokens
+# costs one dense step but 4 or more cost ~1.8 (fp32 GEMM switches kernels at 4 rows), so 2 drafts
+# are the sweet spot there (docs/lossless.md); a bfloat16 GEMM costs about the same for 1-8 rows
+# (1.5B, bf16, one thread: 4 drafts 4.03 tok/s, 2 drafts 3.83) and a GPU verifies a few more tokens
+# for almost nothing.
+DEFAULT_DRAFT_TOKENS = {"cpu": 2, "cpu-bf16": 4, "cuda": 4}
 # Prompt-lookup drafts per cycle where the context matches (docs/lossless.md): on a CPU a bfloat16
 # verify pass over 1 + 7 rows costs about one step (measured best of 4/7/10/15 on the 0.5B); a GPU
 # verifies 11 rows for about one step.
@@ -174,6 +176,8 @@ class RiverLM:
     def default_draft_tokens(self, bits: int) -> int:
         if bits in self.profile_lossless:
             return self.profile_lossless[bits][1]
+        if self.engine.device.type == "cpu" and self.engine.dtype != torch.float32:
+            return DEFAULT_DRAFT_TOKENS["cpu-bf16"]
         return DEFAULT_DRAFT_TOKENS.get(self.engine.device.type, DEFAULT_DRAFT_TOKENS["cuda"])
 
     def default_draft_lookup(self) -> int:

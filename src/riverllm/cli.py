@@ -45,18 +45,18 @@ ThreadsOption = typer.Option(None, "--threads", help="CPU threads (default: OMP_
 
 def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 64, quiet: bool = False,
             dtype: Optional[str] = None, threads: Optional[int] = None, fast_cpu_defaults: bool = False,
-            kernels: str = "torch"):
+            kernels: str = "torch", fast_cpu_dtype_default: bool = False):
     """Load a RiverLM. With `fast_cpu_defaults` (generate, chat), a CPU run gets the dtype and thread
-    count that decode fastest here (cpu.py); measuring commands keep float32 and torch's threads."""
+    count that decode fastest here (cpu.py); with `fast_cpu_dtype_default` (serve: its worker picks
+    its own threads) only the dtype; measuring commands keep float32 and torch's threads."""
     import riverllm
     from riverllm.cpu import fast_cpu_dtype, parse_dtype, pick_cpu_threads
 
     torch_dtype = parse_dtype(dtype)
     on_cpu = (device or "").startswith("cpu") or (device is None and not _cuda_available())
-    if fast_cpu_defaults and on_cpu:
-        pick_cpu_threads(threads)
+    if (fast_cpu_defaults or fast_cpu_dtype_default) and on_cpu:
         torch_dtype = torch_dtype or fast_cpu_dtype()
-    elif threads is not None:
+    if fast_cpu_defaults and on_cpu or threads is not None:
         pick_cpu_threads(threads)
     return riverllm.load(model, device=device, dtype=torch_dtype, bits=bits, group_size=group_size,
                          progress=not quiet, kernels=kernels)
@@ -322,6 +322,7 @@ def serve(
                                         "beyond it HTTP 503"),
     keep_alive_s: float = typer.Option(5.0, "--keep-alive", help="seconds an idle keep-alive connection stays open"),
     device: Optional[str] = DeviceOption,
+    dtype: str = DtypeOption,
     kernels: str = KernelsOption,
     engine: str = typer.Option("riverllm", "--engine", help="riverllm (this package's server) or vllm (vLLM's "
                                "OpenAI server with the River model; arguments after -- go to vLLM; docs/vllm.md)"),
@@ -343,7 +344,8 @@ def serve(
                               max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                               max_connections=max_connections, keep_alive_s=keep_alive_s)
     settings.check()  # fail on a bad flag or a busy port before loading the model
-    run_server(load_lm(model, device, bits, group_size, kernels=kernels), settings)
+    run_server(load_lm(model, device, bits, group_size, dtype=dtype, kernels=kernels, fast_cpu_dtype_default=True),
+               settings)
 
 
 def serve_vllm(context: typer.Context, model: str, host: str, port: int, method: str, tau: Optional[float],
