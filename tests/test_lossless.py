@@ -275,6 +275,7 @@ def test_api_drafts_by_prompt_lookup_by_default(smollm2):
     assert default.token_ids == river_only.token_ids == dense.token_ids
     assert default.extra["drafting"]["looked_up"] > 0 == river_only.extra["drafting"]["looked_up"]
     assert default.extra["drafting"]["verifies"] < river_only.extra["drafting"]["verifies"]
+    assert (default.extra["drafting"]["draft_lookup"], river_only.extra["drafting"]["draft_lookup"]) == (7, 0)
 
 
 def test_api_stop_string_inside_a_draft_block(smollm2):

@@ -374,7 +374,8 @@ class RiverLM:
                         finish_reason="stop" if (hit_eos or streams[row].stopped) else "length",
                         prompt_tokens=len(prompt_ids[row]), num_layers=self.num_layers, method=method.name,
                         tau=used_tau, tau_source=tau_source, compute=self.compute,
-                        extra={"drafting": draft_stats[row].to_dict()} if lossless else {},
+                        extra={"drafting": {**draft_stats[row].to_dict(), "draft_tokens": drafting.max_drafts,
+                                            "draft_lookup": drafting.lookup_tokens}} if lossless else {},
                     )
                 yield row, StreamEvent(delta, token, event.exit_layers[row], result)
 
