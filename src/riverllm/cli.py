@@ -99,8 +99,9 @@ def generate(
                                                       help="force the exit here at the latest"),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="read the LM head as a low-bit (4) copy: "
                                             "faster, lossy; off by default (lossless drafts use it unless set)"),
-    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="lossless: drafts per backbone pass "
-                                               "at most (default 4)"),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="lossless: River drafts per backbone "
+                                               "pass at most (default: the model's speed profile, else 4; 2 on a "
+                                               "CPU in float32)"),
     draft_confidence: Optional[float] = typer.Option(None, "--draft-confidence", help="lossless: stop drafting "
                                                      "when the draft's top-1 probability is below this (default 0)"),
     draft_lookup: Optional[int] = typer.Option(None, "--draft-lookup", help="lossless: also draft up to this many "
@@ -456,9 +457,9 @@ def bench(
     methods: Optional[str] = typer.Option(None, "--methods", help="with --batch-sizes: methods (default dense,w4,"
                                           "river:0.9,river:0.9@batch-min; @batch-min: the paper's batch exit rule; "
                                           "+ggml: on the ggml kernels, e.g. river:0.9+ggml); "
-                                          "with --exact: methods (default dense,river:0.9,lossless:0.9,lossless:0.9+lookup,hf,"
-                                          "hf-lookup; lossless:TAU is River's drafts alone, +lookup[N] adds prompt-"
-                                          "lookup drafts; also hf-assisted:MODEL)"),
+                                          "with --exact: methods (default dense,river:0.9,lossless:0.9,"
+                                          "lossless:0.9+lookup,hf,hf-lookup; lossless:TAU is River's drafts alone, "
+                                          "+lookup[N] adds prompt-lookup drafts; also hf-assisted:MODEL)"),
     exact: bool = typer.Option(False, "--exact", help="with --model: exact decoding side by side (dense, lossless, "
                                "transformers' generate, prompt lookup, assisted generation) on HumanEval and GSM8K "
                                "prompts, with tokens compared to dense; resumes in --out"),
