@@ -56,7 +56,7 @@ def load_lm(model: str, device: Optional[str], bits: int = 4, group_size: int = 
     on_cpu = (device or "").startswith("cpu") or (device is None and not _cuda_available())
     if (fast_cpu_defaults or fast_cpu_dtype_default) and on_cpu:
         torch_dtype = torch_dtype or fast_cpu_dtype()
-    if fast_cpu_defaults and on_cpu or threads is not None:
+    if (fast_cpu_defaults and on_cpu) or threads is not None:
         pick_cpu_threads(threads)
     return riverllm.load(model, device=device, dtype=torch_dtype, bits=bits, group_size=group_size,
                          progress=not quiet, kernels=kernels)

@@ -221,7 +221,10 @@ class LosslessDecoder:
         draft_exits: dict[int, list[int]] = {i: [] for i in rows}
         # A cycle emits the drafts it accepts plus one backbone token: leave room for that one.
         left = {i: self.max_new_tokens - len(self.generated[i]) - 1 for i in rows}
-        copied = {i for i in rows if left[i] > 0 and self._look_up(i, drafts, draft_probs, draft_exits, left[i])}
+        for i in rows:  # a copied draft ran no layer: its exit layer is 0
+            drafts[i] = self._look_up(i, left[i]) if left[i] > 0 else []
+            draft_probs[i], draft_exits[i] = [None] * len(drafts[i]), [0] * len(drafts[i])
+        copied = {i for i in rows if drafts[i]}
         room = {i: min(self.drafting.max_drafts, left[i]) for i in rows}
         active = [i for i in rows if room[i] > 0 and i not in copied]
         last = {i: self.pending[i] for i in rows}
@@ -269,15 +272,12 @@ class LosslessDecoder:
                 record.reusable_layers += sum(_prefix_minimum(draft_exits[i]))
         return self._emit(blocks, exits, time.perf_counter() - start)
 
-    def _look_up(self, i: int, drafts: dict, draft_probs: dict, draft_exits: dict, room: int) -> bool:
-        """Fill row i's drafts by prompt lookup; False when off or the context has no match. A
-        copied draft ran no layer: its exit layer is 0."""
+    def _look_up(self, i: int, room: int) -> list[int]:
+        """Row i's drafts by prompt lookup; [] when off or the context has no match."""
         if not self.drafting.lookup_tokens:
-            return False
-        copied = lookup_drafts(self.prompts[i] + self.generated[i], min(self.drafting.lookup_tokens, room),
-                               self.drafting.lookup_min_ngram)
-        drafts[i], draft_probs[i], draft_exits[i] = copied, [None] * len(copied), [0] * len(copied)
-        return bool(copied)
+            return []
+        return lookup_drafts(self.prompts[i] + self.generated[i], min(self.drafting.lookup_tokens, room),
+                             self.drafting.lookup_min_ngram)
 
     def _emit(self, blocks: dict[int, list[int]], exits: dict[int, list[int]], seconds: float) -> list[StepEvent]:
         """One event per token position of a cycle; a row's tokens after its end are dropped."""
