@@ -495,7 +495,9 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("RIVERLLM_API_KEY"))
     parser.add_argument("--model", default="smollm2-135m", help="model for the servers this script starts")
     parser.add_argument("--device", default=None, help="device for the servers this script starts")
-    parser.add_argument("--method", default="river", help="method of the servers this script starts")
+    parser.add_argument("--method", default="river", help="method of the servers this script starts (river "
+                        "alone takes this machine's calibrated tau if it has one: pin river:TAU to compare); "
+                        "another than river is in the file's name")
     parser.add_argument("--kernels", default="torch", help="--kernels of the servers this script starts (torch | "
                         "ggml); a ggml run writes MODEL_ggml.json/.md")
     parser.add_argument("--dtype", default="auto", help="--dtype of the servers this script starts (auto: "
@@ -528,7 +530,8 @@ def main() -> None:
         result = {"command": command, "reports": reports}
     else:
         sizes = [int(size) for size in args.max_batch_sizes.split(",")]
-        result = {"command": command, "uptime_before": uptime(), "reports": []}
+        result = {"command": command, "method": args.method, "dtype": args.dtype, "uptime_before": uptime(),
+                  "reports": []}
         references = None
         for size in sizes:
             port = free_port()
@@ -563,6 +566,8 @@ def main() -> None:
             name += f"_{args.kernels}"
         if args.url is None and args.dtype != "auto":
             name += f"_{args.dtype}"
+        if args.url is None and args.method != "river":  # river's tau comes from the machine's profile
+            name += "_" + args.method.replace(":", "-")
         write_atomically(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
         if args.url is None:
             write_atomically(args.out / f"{name}.md", compare_markdown(result))

@@ -334,6 +334,13 @@ def test_exact_bench_compares_every_exact_method_with_dense(tmp_path):
     bf16 = ExactBenchSettings(**{**vars(settings), "dtype": "bfloat16", "methods": ("dense", "lossless:0.9", "hf")})
     rows = {r["method"]: r for r in run_exact_bench(bf16, tmp_path / "bf16", progress=False)["rows"]}
     assert all(rows[name]["identical_to_dense"] == 2 for name in ("lossless:0.9", "hf"))
+    # ... nor into bf16 records of a riverllm whose CPU attention ran in bf16 (no attention_dtype)
+    samples = tmp_path / "bf16" / "samples.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k != "attention_dtype"}
+           for line in samples.read_text().splitlines()]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in old[:-1]))
+    with pytest.raises(RiverError, match="attention ran in another dtype than float32"):
+        run_exact_bench(bf16, tmp_path / "bf16", progress=False)
 
 
 def test_teacher_forced_lossless_is_dense_and_the_low_bit_head_costs_little(smollm2):

@@ -120,6 +120,11 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
     if recorded - {dtype}:
         raise RiverError(f"{out} holds records taken in {', '.join(sorted(recorded))}, not {dtype}: "
                          "resume with the same dtype or write to another folder")
+    # Records from before attention ran in float32 on a CPU (2026-12-06) computed it in their dtype.
+    attention = str(lm.engine.attention_dtype).replace("torch.", "")
+    if any(r.get("attention_dtype", r.get("dtype", "float32")) != attention for r in log.records.values()):
+        raise RiverError(f"{out} holds records whose attention ran in another dtype than {attention} (an older "
+                         "riverllm): their outputs and timings do not compare with this one's; write to another folder")
     # Warm-up: builds the river and the low-bit head, touches every kernel once (not timed).
     for name in settings.methods:
         if not name.startswith("hf"):
@@ -141,7 +146,7 @@ def run_exact_bench(settings: ExactBenchSettings, out: Path, progress: bool = Tr
                 extra = result.extra.get("drafting", {})
             seconds = time.perf_counter() - start
             log.append(dict(prompt=key, method=name, tokens=tokens, seconds=seconds, mean_exit_layer=exits, dtype=dtype,
-                            **extra))
+                            attention_dtype=attention, **extra))
             bar.update()
     results = summarize(settings, [key for key, _ in prompts], log.records, lm.num_layers)
     results["dtype"] = dtype

@@ -63,8 +63,8 @@ class KVCache:
             row_index = (torch.arange(key.shape[0], device=key.device) if rows is None else rows)[:, None]
             self.filled[layer][row_index, slots] = True
 
-    def read(self, layer: int, rows: torch.Tensor | None, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of slots 0..visible-1 of `rows` (None: all rows, a view; else a gathered copy)."""
+    def read(self, layer: int, rows: torch.Tensor | slice | None, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of slots 0..visible-1 of `rows` (None: all rows, or a slice: a view; else a gathered copy)."""
         keys, values = self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
         if rows is None:
             return keys, values

@@ -72,8 +72,8 @@ class StepContext:
 
 @dataclass
 class AttentionGroup:
-    positions: torch.Tensor  # the group's rows, as positions in the batch
-    cache_rows: torch.Tensor  # ... and as cache rows
+    positions: torch.Tensor | slice  # the group's rows, as positions in the batch
+    cache_rows: torch.Tensor | slice  # ... and as cache rows
     visible: int
     masks: dict[str, torch.Tensor | None]
 
@@ -119,6 +119,11 @@ class RiverEngine:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """What attention computes in (`DecoderBlock.attend`): float32 on a CPU, else the weights' dtype."""
+        return torch.float32 if self.device.type == "cpu" else self.dtype
 
     @property
     def resident_layers(self) -> int:
@@ -206,7 +211,12 @@ class RiverEngine:
             for start in sorted(set(starts)):
                 members = [i for i, s in enumerate(starts) if s == start]
                 index = torch.tensor(members, device=device)
-                groups.append(AttentionGroup(index, cache_rows[index], start + 1,
+                if len(members) == 1:  # slices: views, where an index tensor would gather copies
+                    i = members[0]
+                    positions, rows_of_group = slice(i, i + 1), slice(row_list[i], row_list[i] + 1)
+                else:
+                    positions, rows_of_group = index, cache_rows[index]
+                groups.append(AttentionGroup(positions, rows_of_group, start + 1,
                                              self.masks_for(slots[index], start + 1, plain=True)))
         return StepContext(
             rows=None if rows is None else torch.tensor(row_list, device=device), row_list=row_list, slots=slots,

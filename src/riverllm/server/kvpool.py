@@ -103,7 +103,7 @@ class PagedKVCache(KVCache):
 
     # --- what the engine calls ------------------------------------------------------------------
 
-    def _rows(self, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    def _rows(self, rows: torch.Tensor | slice | None, n: int) -> torch.Tensor | slice:
         return torch.arange(n, device=self.device) if rows is None else rows
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None,
@@ -116,7 +116,7 @@ class PagedKVCache(KVCache):
         self.keys[layer][physical] = key.transpose(1, 2)  # [n, new, kv_heads, head_dim]
         self.values[layer][physical] = value.transpose(1, 2)
 
-    def read(self, layer: int, rows: torch.Tensor | None, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, rows: torch.Tensor | slice | None, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.slot_map[self._rows(rows, self.rows), :visible]  # [n, visible]
         keys = self.keys[layer][index].transpose(1, 2).contiguous()
         values = self.values[layer][index].transpose(1, 2).contiguous()
