@@ -30,7 +30,7 @@ RULES: dict[str, Callable[[int], int]] = {
     "lookup, 2-gram or longer (the default)": lambda misses: 2,
     "lookup, 3-gram or longer": lambda misses: 3,
     "lookup, 4-gram only": lambda misses: 4,
-    "2-gram; River drafts after a miss": lambda misses: 0 if misses else 2,
+    "2-gram; one River cycle after a miss": lambda misses: 0 if misses else 2,
     "2-gram; 3-gram after a miss": lambda misses: 3 if misses else 2,
 }
 
@@ -53,7 +53,7 @@ def replay(rule: Callable[[int], int], outputs: list[tuple[list[int], list[int]]
                 misses = 0 if accepted else misses + 1
                 seconds += args.verify_ms / 1000
             else:
-                accepted = 0
+                accepted, misses = 0, 0  # a River cycle; the next one may look up again
                 while accepted < args.drafts and rng.random() < args.acceptance:
                     accepted += 1
                 seconds += (args.drafts * args.draft_ms + args.verify_ms) / 1000
