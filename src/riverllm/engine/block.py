@@ -191,6 +191,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
 
 
+def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """What attention computes in for weights of `dtype` on `device`: float32 on a CPU (see
+    `DecoderBlock.attend`), the weights' own dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 class DecoderBlock:
     """Decoder layer `index` of the model: its shared parts (norms, head geometry, scaling) and the
     attention + MLP computation. The weight sets are passed in per call."""
@@ -248,14 +254,14 @@ class DecoderBlock:
         where plain (causal) attention is exact. Grouped K/V heads: sdpa's own GQA without a mask,
         expanded heads with one (as transformers does, for the same kernels and numbers).
 
-        On a CPU, attention runs in float32 whatever the weights' dtype: torch's CPU attention
-        kernel in bfloat16 (no AMX) is 4-6x slower than in float32 for one query (one thread, 9
-        heads over 150 keys: 140 us vs 35 us with the casts), and attention is a third of a
-        16-row decoding step in bfloat16 (one call per row length). Each row's call is the same
-        alone or batched, so rows stay batch-invariant."""
-        out_dtype = q.dtype
-        if q.device.type == "cpu" and out_dtype != torch.float32:
-            q, keys, values = q.float(), keys.float(), values.float()
+        On a CPU, attention runs in float32 whatever the weights' dtype (`attention_dtype`):
+        torch's CPU attention kernel in bfloat16 (no AMX) is 4-6x slower than in float32 for one
+        query (one thread, 9 heads over 150 keys: 140 us vs 35 us with the casts), and attention
+        is a third of a 16-row decoding step in bfloat16 (one call per row length). Each row's
+        call is the same alone or batched, so rows stay batch-invariant."""
+        out_dtype, compute = q.dtype, attention_dtype(q.device, q.dtype)
+        if compute != out_dtype:
+            q, keys, values = q.to(compute), keys.to(compute), values.to(compute)
         if mask is None:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=causal, scale=self.scaling,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)

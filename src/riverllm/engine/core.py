@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from riverllm.engine.block import ALL_BACKBONE, ALL_TWIN, DecoderBlock, Projections, RowSplit, stable_rows
+from riverllm.engine.block import (ALL_BACKBONE, ALL_TWIN, DecoderBlock, Projections, RowSplit, attention_dtype,
+                                   stable_rows)
 from riverllm.engine.cache import KVCache, PendingTokens
 from riverllm.policy import ExitPolicy
 
@@ -123,7 +124,7 @@ class RiverEngine:
     @property
     def attention_dtype(self) -> torch.dtype:
         """What attention computes in (`DecoderBlock.attend`): float32 on a CPU, else the weights' dtype."""
-        return torch.float32 if self.device.type == "cpu" else self.dtype
+        return attention_dtype(self.device, self.dtype)
 
     @property
     def resident_layers(self) -> int:
