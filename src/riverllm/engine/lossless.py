@@ -216,14 +216,12 @@ class LosslessDecoder:
         rows = [i for i in range(len(self.prompts)) if not self.finished[i]]
         cache_row = {i: self.cache_rows[i] for i in rows}
         base = {i: cache.lengths[cache_row[i]] for i in rows}
-        drafts: dict[int, list[int]] = {i: [] for i in rows}
-        draft_probs: dict[int, list[torch.Tensor | None]] = {i: [] for i in rows}
-        draft_exits: dict[int, list[int]] = {i: [] for i in rows}
         # A cycle emits the drafts it accepts plus one backbone token: leave room for that one.
         left = {i: self.max_new_tokens - len(self.generated[i]) - 1 for i in rows}
-        for i in rows:  # a copied draft ran no layer: its exit layer is 0
-            drafts[i] = self._look_up(i, left[i]) if left[i] > 0 else []
-            draft_probs[i], draft_exits[i] = [None] * len(drafts[i]), [0] * len(drafts[i])
+        drafts: dict[int, list[int]] = {i: self._look_up(i, left[i]) if left[i] > 0 else [] for i in rows}
+        # A copied draft has no law of its own (None: one-hot) and ran no layer (exit layer 0).
+        draft_probs: dict[int, list[torch.Tensor | None]] = {i: [None] * len(drafts[i]) for i in rows}
+        draft_exits: dict[int, list[int]] = {i: [0] * len(drafts[i]) for i in rows}
         copied = {i for i in rows if drafts[i]}
         room = {i: min(self.drafting.max_drafts, left[i]) for i in rows}
         active = [i for i in rows if room[i] > 0 and i not in copied]
