@@ -29,7 +29,7 @@ def test_quant_matrix_matches_the_dequantized_product():
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
     rows = np.ascontiguousarray(tensor.data)
     weight = torch.from_numpy(dequantize(rows, tensor.tensor_type).reshape(-1, int(tensor.shape[0])).copy())
-    matrix = ggml.QuantMatrix(rows, int(tensor.tensor_type), weight.shape[1])
+    matrix = ggml.QuantMatrix.of(rows, int(tensor.tensor_type), weight.shape[1])
     x = torch.randn(3, weight.shape[1])
     got, expected = matrix.matmul(x), x @ weight.t()
     assert got.shape == expected.shape
@@ -63,7 +63,7 @@ def test_a_row_gets_the_same_bits_at_every_row_count(ggml_type):
     """ggml switches K-quant products to a tiled kernel at 8+ rows unless told not to (its
     'use_ref' mode, which riverllm sets): rows must not depend on how many come along."""
     blocks = random_blocks(ggml_type, 64, 512)
-    matrix = ggml.QuantMatrix(blocks, int(ggml_type), 512)
+    matrix = ggml.QuantMatrix.of(blocks, int(ggml_type), 512)
     x = torch.randn(16, 512)
     together = matrix.matmul(x)
     for rows in range(1, 17):
@@ -73,9 +73,25 @@ def test_a_row_gets_the_same_bits_at_every_row_count(ggml_type):
 
 
 @needs_ggml
+def test_a_fused_product_equals_its_matrices_alone():
+    """q/k/v (and gate/up) run as one ggml graph: each part's result, at every row count, must be
+    bit for bit what its matrix gives alone, so fusing changes speed and never tokens."""
+    types = [GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_K]
+    alone = [ggml.QuantMatrix.of(random_blocks(t, rows, 512, seed), int(t), 512)
+             for seed, (t, rows) in enumerate(zip(types, (64, 32, 96)))]
+    fused = ggml.QuantMatrix([matrix.parts[0] for matrix in alone])
+    assert (fused.out_features, fused.nbytes) == (192, sum(matrix.nbytes for matrix in alone))
+    x = torch.randn(16, 512)
+    for rows in (1, 2, 5, 16):
+        assert torch.equal(fused.matmul(x[:rows]), torch.cat([matrix.matmul(x[:rows]) for matrix in alone], dim=1))
+    with pytest.raises(RiverError, match="input width"):
+        ggml.QuantMatrix([alone[0].parts[0], ggml.QuantBlocks(random_blocks(types[0], 8, 256), int(types[0]), 256)])
+
+
+@needs_ggml
 def test_quant_matrix_refuses_mismatched_blocks():
     with pytest.raises(RiverError, match="bytes"):
-        ggml.QuantMatrix(np.zeros((4, 10), dtype=np.uint8), ggml.GGML_Q8_0, 64)
+        ggml.QuantMatrix.of(np.zeros((4, 10), dtype=np.uint8), ggml.GGML_Q8_0, 64)
 
 
 @pytest.fixture(scope="module")
@@ -197,22 +213,29 @@ def test_bench_llama_cpp_needs_a_model():
 
 @needs_ggml
 def test_ggml_leaves_the_twins_on_the_int4_kernel(smollm2_ggml):
-    """Backbone and head move onto ggml; 4- and 3-bit twins and the low-bit head keep their
-    PyTorch modules for decoding (the int4 kernel beats ggml's Q4_1 here: docs/kernels.md).
-    Prompts take copies of the same weights in PyTorch's fastest dtype, backbone and twins alike."""
+    """Backbone and head move onto ggml, q/k/v and gate/up fused (one ggml graph each); 4- and
+    3-bit twins and the low-bit head keep their PyTorch modules for decoding (the int4 kernel beats
+    ggml's Q4_1 here: docs/kernels.md), in the same fused layout. Prompts take copies of the same
+    weights in PyTorch's fastest dtype, backbone and twins alike."""
     from riverllm.cpu import fast_cpu_dtype
+    from riverllm.engine.block import Concat
     from riverllm.kernels.gguf_linear import GGMLLinear
     from riverllm.kernels.prompts import PromptSplit
 
     lm = smollm2_ggml
     dtype = fast_cpu_dtype()
-    q = lm.engine.backbone[0].q
-    assert isinstance(q, PromptSplit) and isinstance(q.step, GGMLLinear) and isinstance(lm.engine.head_linear, GGMLLinear)
-    assert torch.equal(q.prompt.weight, lm.engine.layers[0].self_attn.q_proj.weight.to(dtype))
+    layer0, attn0 = lm.engine.backbone[0], lm.engine.layers[0].self_attn
+    qkv = layer0.qkv
+    assert layer0.q is None and layer0.gate is None and isinstance(lm.engine.head_linear, GGMLLinear)
+    assert isinstance(qkv, PromptSplit) and isinstance(qkv.step, GGMLLinear) and len(qkv.step.matrix.parts) == 3
+    assert isinstance(qkv.prompt, Concat)
+    assert torch.equal(qkv.prompt.parts[0].weight, attn0.q_proj.weight.to(dtype))
+    assert len(layer0.gate_up.step.matrix.parts) == 2 and len(layer0.down.step.matrix.parts) == 1
     for bits in (4, 3):
         twins = lm.engine.twins(lm.river(bits))
-        assert all(isinstance(t.q, PromptSplit) and isinstance(t.q.step, QuantLinear) for t in twins)
-        assert twins[0].q.step is lm.river(bits)[0].self_attn.q_proj
+        assert all(t.q is None and isinstance(t.qkv, Concat) for t in twins)
+        q = twins[0].qkv.parts[0]
+        assert isinstance(q, PromptSplit) and q.step is lm.river(bits)[0].self_attn.q_proj
         assert torch.equal(twins[0].down.prompt.weight, twins[0].down.step.dequantized_weight().to(dtype))
         assert lm.engine.twins(lm.river(bits))[0] is twins[0]  # built once per river
     assert isinstance(lm.low_bit_head(4), QuantLinear)

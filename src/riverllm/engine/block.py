@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,30 @@ class Projections:
         """The same projections, each one passed through `function` (None stays None)."""
         return Projections(**{f.name: None if getattr(self, f.name) is None else function(getattr(self, f.name))
                               for f in fields(self)})
+
+    def fused(self, qkv: nn.Module | None = None, gate_up: nn.Module | None = None) -> "Projections":
+        """The same weights with q/k/v as one `qkv` and gate/up as one `gate_up` projection (by
+        default their `Concat`; pass a truly fused module to replace it). A step then makes one
+        call where it made three and two; backbone and twin of a layer must be fused alike."""
+        if self.qkv is not None:  # already fused (Phi3)
+            return self
+        return replace(self, q=None, k=None, v=None, qkv=Concat(self.q, self.k, self.v) if qkv is None else qkv,
+                       gate=None, up=None, gate_up=Concat(self.gate, self.up) if gate_up is None else gate_up)
+
+
+class Concat(nn.Module):
+    """Several linear layers over one input, their outputs side by side: a fused projection made
+    of separate ones."""
+
+    def __init__(self, *parts: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def weight_bytes(self) -> int:
+        return sum(part.weight_bytes() if hasattr(part, "weight_bytes") else part.weight.nbytes for part in self.parts)
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,10 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return copy
 
 
-class QuantMatrix:
-    """A weight matrix [out, in] in one of ggml's formats, as raw blocks (uint8 [out, row_bytes]:
-    often a read-only view of the memory-mapped GGUF file, which ggml only reads), and its products
-    with activations of any float dtype (copied into a float32 buffer): `matmul(x)` = x @ W.T."""
+class QuantBlocks:
+    """One weight matrix [out, in] in one of ggml's formats, as raw blocks (uint8 [out, row_bytes]:
+    often a read-only view of the memory-mapped GGUF file, which ggml only reads), placed where
+    ggml can read it."""
 
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int):
         self.ggml = load()
@@ -137,14 +137,41 @@ class QuantMatrix:
                              f"got a {blocks.shape} {blocks.dtype} array")
         self.blocks, self.type = aligned(blocks), ggml_type
         self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.graphs: dict[int, tuple] = {}  # rows -> (context, graph, input, output, buffers)
         self.buffer = self.ggml.ggml_backend_cpu_buffer_from_ptr(self.blocks.ctypes.data, self.blocks.nbytes)
+
+    def __del__(self):
+        if getattr(self, "buffer", None):
+            self.ggml.ggml_backend_buffer_free(self.buffer)
+
+
+class QuantMatrix:
+    """x @ W.T, where W stacks the rows of one or more `QuantBlocks` that share their input (a
+    layer's q, k and v, or its gate and up projections): `matmul(x)` = cat([x @ W_i.T], -1).
+    The products run in one ggml graph: one call into ggml and one copy of the input per step
+    instead of one per matrix, with each product computed exactly as it is alone. Activations of
+    any float dtype are copied into a float32 buffer."""
+
+    def __init__(self, parts: list[QuantBlocks]):
+        if not parts or len({part.in_features for part in parts}) != 1:
+            raise RiverError("the matrices of one product must share their input width")
+        self.ggml = load()
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+        self.graphs: dict[int, tuple] = {}  # rows -> (context, graph, input, output, buffers)
+
+    @classmethod
+    def of(cls, blocks: np.ndarray, ggml_type: int, in_features: int) -> "QuantMatrix":
+        """A product with one matrix."""
+        return cls([QuantBlocks(blocks, ggml_type, in_features)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.blocks.nbytes for part in self.parts)
 
     def __del__(self):
         for graph in getattr(self, "graphs", {}).values():
             self._free(graph)
-        if getattr(self, "buffer", None):
-            self.ggml.ggml_backend_buffer_free(self.buffer)
 
     def _free(self, graph: tuple) -> None:
         context, *_, buffers = graph
@@ -157,19 +184,24 @@ class QuantMatrix:
         if graph is not None:
             return graph
         g = self.ggml
-        context = g.ggml_init(InitParams(g.ggml_tensor_overhead() * 4 + g.ggml_graph_overhead(), None, True))
-        weight = g.ggml_new_tensor_2d(context, self.type, self.in_features, self.out_features)
+        tensors = 2 * len(self.parts) + 1
+        context = g.ggml_init(InitParams(g.ggml_tensor_overhead() * tensors + g.ggml_graph_overhead(), None, True))
         x = g.ggml_new_tensor_2d(context, GGML_F32, self.in_features, rows)
-        y = g.ggml_mul_mat(context, weight, x)
         cgraph = g.ggml_new_graph(context)
-        g.ggml_build_forward_expand(cgraph, y)
         inputs = torch.empty(rows, self.in_features)
-        outputs = torch.empty(rows, self.out_features)
+        # Part i's result [rows, out_i] lies contiguous at rows * (out_0 + ... + out_{i-1}).
+        outputs = torch.empty(rows * self.out_features)
         buffers = [g.ggml_backend_cpu_buffer_from_ptr(m.data_ptr(), m.numel() * 4) for m in (inputs, outputs)]
         graph = (context, cgraph, inputs, outputs, buffers)
-        placed = [g.ggml_backend_tensor_alloc(self.buffer, weight, self.blocks.ctypes.data),
-                  g.ggml_backend_tensor_alloc(buffers[0], x, inputs.data_ptr()),
-                  g.ggml_backend_tensor_alloc(buffers[1], y, outputs.data_ptr())]
+        placed = [g.ggml_backend_tensor_alloc(buffers[0], x, inputs.data_ptr())]
+        offset = 0
+        for part in self.parts:
+            weight = g.ggml_new_tensor_2d(context, part.type, self.in_features, part.out_features)
+            y = g.ggml_mul_mat(context, weight, x)
+            g.ggml_build_forward_expand(cgraph, y)
+            placed += [g.ggml_backend_tensor_alloc(part.buffer, weight, part.blocks.ctypes.data),
+                       g.ggml_backend_tensor_alloc(buffers[1], y, outputs.data_ptr() + 4 * rows * offset)]
+            offset += part.out_features
         if any(placed):
             self._free(graph)
             raise RiverError(f"ggml could not place a {rows}-row product's tensors (status {max(placed)})")
@@ -184,7 +216,14 @@ class QuantMatrix:
             _, cgraph, inputs, outputs, _ = graph
             inputs.copy_(x)
             self.ggml.compute(cgraph, torch.get_num_threads())
-            result = outputs.clone()
+            if len(self.parts) == 1 or rows == 1:  # one row: the parts lie side by side already
+                result = outputs.view(rows, self.out_features).clone()
+            else:
+                pieces, offset = [], 0
+                for part in self.parts:
+                    pieces.append(outputs[rows * offset:rows * (offset + part.out_features)].view(rows, -1))
+                    offset += part.out_features
+                result = torch.cat(pieces, dim=1)
             if rows not in self.graphs:
                 self._free(graph)
         return result

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from riverllm.engine.block import Projections
+from riverllm.engine.block import Concat, Projections
 from riverllm.errors import RiverError
-from riverllm.kernels.ggml import QuantMatrix
-from riverllm.kernels.prompts import with_prompt_copy
+from riverllm.kernels.ggml import QuantBlocks, QuantMatrix
+from riverllm.kernels.prompts import PromptSplit, prompt_copy, with_prompt_copy
 
 
 class GGMLLinear(nn.Module):
@@ -46,10 +46,11 @@ class GGMLLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def weight_bytes(self) -> int:
-        return self.matrix.blocks.nbytes
+        return self.matrix.nbytes
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, ggml_type={self.matrix.type}"
+        types = ",".join(str(part.type) for part in self.matrix.parts)
+        return f"{self.in_features}, {self.out_features}, ggml_type={types}"
 
 
 # GGUF tensor names of one decoder layer's projections (llama.cpp's), by Projections field.
@@ -72,8 +73,10 @@ def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Projections]:
-    """Every layer's backbone Projections from the GGUF's own quantized tensors. The biases and
-    everything that is not a projection (norms, embeddings) stay the loaded model's."""
+    """Every layer's backbone Projections from the GGUF's own quantized tensors, q/k/v and gate/up
+    fused (`Projections.fused`): each group is one ggml graph, so a decoding step makes 3 calls
+    into ggml per layer instead of 7. The biases and everything that is not a projection (norms,
+    embeddings) stay the loaded model's."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
@@ -83,28 +86,47 @@ def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Proje
         raise RiverError(f"the ggml kernels run {', '.join(GGML_ARCHITECTURES)} GGUF files so far, not "
                          f"'{architecture}' ({gguf_path.name}); use the torch kernels")
     config = engine.config
+
+    def blocks(index: int, field: str, linear: nn.Linear) -> QuantBlocks | None:
+        """The GGUF's blocks of one projection; None for a matrix stored unquantized (F32/F16),
+        which stays with PyTorch."""
+        name = f"blk.{index}.{GGUF_NAMES[field]}.weight"
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise RiverError(f"{gguf_path.name} has no tensor {name}")
+        rows = np.asarray(tensor.data)
+        if rows.dtype != np.uint8:
+            return None
+        if architecture == "llama" and field in ("q", "k"):
+            heads = config.num_attention_heads if field == "q" else config.num_key_value_heads
+            rows = _unpermute_rows(rows, heads)
+        return QuantBlocks(np.ascontiguousarray(rows), int(tensor.tensor_type), linear.in_features)
+
+    def product(index: int, fields: tuple[str, ...], linears: list[nn.Linear]) -> nn.Module:
+        """One module for `linears` (their outputs side by side): a ggml product over their
+        blocks with a bfloat16 copy of each for prompts, or PyTorch's where one is unquantized."""
+        parts = [blocks(index, field, linear) for field, linear in zip(fields, linears)]
+        if any(part is None for part in parts):
+            return linears[0] if len(linears) == 1 else Concat(*linears)
+        biases = [linear.bias for linear in linears]
+        if all(bias is None for bias in biases):
+            bias = None
+        else:
+            bias = torch.cat([torch.zeros(linear.out_features) if linear.bias is None else linear.bias.detach().float()
+                              for linear in linears])
+        prompt = prompt_copy(linears[0]) if len(linears) == 1 else Concat(*map(prompt_copy, linears))
+        return PromptSplit(GGMLLinear(QuantMatrix(parts), bias), prompt)
+
     result = []
     for index, layer in enumerate(layers):
         loaded = Projections.of(layer)
-        modules = {}
-        for field, stem in GGUF_NAMES.items():
-            linear = getattr(loaded, field)
-            if linear is None:
-                modules[field] = None
-                continue
-            tensor = tensors.get(f"blk.{index}.{stem}.weight")
-            if tensor is None:
-                raise RiverError(f"{gguf_path.name} has no tensor blk.{index}.{stem}.weight")
-            rows = np.asarray(tensor.data)
-            if rows.dtype != np.uint8:  # F32/F16 matrices stay with PyTorch
-                modules[field] = linear
-                continue
-            if architecture == "llama" and field in ("q", "k"):
-                heads = config.num_attention_heads if field == "q" else config.num_key_value_heads
-                rows = _unpermute_rows(rows, heads)
-            matrix = QuantMatrix(np.ascontiguousarray(rows), int(tensor.tensor_type), linear.in_features)
-            modules[field] = with_prompt_copy(GGMLLinear(matrix, linear.bias), linear)
-        result.append(Projections(**modules))
+        if loaded.qkv is not None:
+            raise RiverError(f"the ggml kernels do not run fused q/k/v layers yet ({gguf_path.name})")
+        result.append(Projections(q=None, k=None, v=None, gate=None, up=None,
+                                  qkv=product(index, ("q", "k", "v"), [loaded.q, loaded.k, loaded.v]),
+                                  o=product(index, ("o",), [loaded.o]),
+                                  gate_up=product(index, ("gate", "up"), [loaded.gate, loaded.up]),
+                                  down=product(index, ("down",), [loaded.down])))
     return result
 
 
@@ -116,7 +138,7 @@ def head_linear(gguf_path, hidden_size: int) -> GGMLLinear:
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None or np.asarray(tensor.data).dtype != np.uint8:
         raise RiverError(f"{gguf_path.name} has no quantized LM head (output.weight or token_embd.weight)")
-    return GGMLLinear(QuantMatrix(np.ascontiguousarray(tensor.data), int(tensor.tensor_type), hidden_size), None)
+    return GGMLLinear(QuantMatrix.of(np.ascontiguousarray(tensor.data), int(tensor.tensor_type), hidden_size), None)
 
 
 class GGMLKernels:
@@ -132,6 +154,7 @@ class GGMLKernels:
     def twins(self, river: nn.ModuleList) -> list[Projections]:
         entry = self._twins.get(id(river))
         if entry is None or entry[0] is not river:
-            projections = [Projections.of(twin).map(with_prompt_copy) for twin in river]
+            # fused like the backbone (a River layer's two weight sets must have one layout)
+            projections = [Projections.of(twin).map(with_prompt_copy).fused() for twin in river]
             entry = self._twins[id(river)] = (river, projections)
         return entry[1]

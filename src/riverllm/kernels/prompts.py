@@ -27,15 +27,17 @@ from riverllm.river.quant import QuantLinear
 
 
 class PromptSplit(nn.Module):
-    """`step` for decoding inputs [rows, 1, in], `prompt` (an nn.Linear) for prompts [rows, new > 1, in]."""
+    """`step` for decoding inputs [rows, 1, in], `prompt` (an nn.Linear, or a `Concat` of them) for prompts
+    [rows, new > 1, in]."""
 
-    def __init__(self, step: nn.Module, prompt: nn.Linear):
+    def __init__(self, step: nn.Module, prompt: nn.Module):
         super().__init__()
         self.step, self.prompt = step, prompt
+        self.prompt_dtype = next(prompt.parameters()).dtype
 
     def forward(self, x):
         if x.dim() == 3 and x.shape[1] > 1:
-            return self.prompt(x.to(self.prompt.weight.dtype)).to(x.dtype)
+            return self.prompt(x.to(self.prompt_dtype)).to(x.dtype)
         return self.step(x)
 
     def weight_bytes(self) -> int:
