@@ -64,6 +64,10 @@ def test_a_row_gets_the_same_bits_at_every_row_count(ggml_type):
     'use_ref' mode, which riverllm sets): rows must not depend on how many come along."""
     blocks = random_blocks(ggml_type, 64, 512)
     matrix = ggml.QuantMatrix.of(blocks, int(ggml_type), 512)
+    # Q4_K runs on ggml's repacked layout where the build has it: its multi-row kernel rounds
+    # otherwise than its one-row one, so such a matrix is multiplied a row at a time.
+    repacks = int(ggml_type) in ggml.REPACK_TYPES and ggml.load().repack_buffer_type is not None
+    assert matrix.parts[0].repacked == repacks
     x = torch.randn(16, 512)
     together = matrix.matmul(x)
     for rows in range(1, 17):

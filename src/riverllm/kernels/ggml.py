@@ -65,12 +65,22 @@ class GGML:
         bind(base, "ggml_init", p, InitParams)
         bind(base, "ggml_free", None, p)
         bind(base, "ggml_tensor_overhead", size)
-        bind(base, "ggml_graph_overhead", size)
+        bind(base, "ggml_graph_overhead_custom", size, size, ctypes.c_bool)
         bind(base, "ggml_row_size", size, i32, i64)
         bind(base, "ggml_blck_size", i64, i32)
         bind(base, "ggml_new_tensor_2d", p, p, i32, i64, i64)
         bind(base, "ggml_mul_mat", p, p, p, p)
-        bind(base, "ggml_new_graph", p, p)
+        bind(base, "ggml_new_graph_custom", p, p, size, ctypes.c_bool)
+        bind(base, "ggml_view_2d", p, p, p, i64, i64, size, size)
+        bind(base, "ggml_backend_view_init", i32, p)
+        bind(base, "ggml_backend_buft_name", ctypes.c_char_p, p)
+        bind(base, "ggml_backend_buft_alloc_buffer", p, p, size)
+        bind(base, "ggml_backend_buft_get_alloc_size", size, p, p)
+        bind(base, "ggml_backend_buffer_get_base", p, p)
+        bind(base, "ggml_backend_tensor_set", None, p, p, size, size)
+        bind(base, "ggml_backend_reg_dev_get", p, p, size)
+        bind(base, "ggml_backend_reg_get_proc_address", p, p, ctypes.c_char_p)
+        bind(cpu, "ggml_backend_cpu_reg", p)
         bind(base, "ggml_build_forward_expand", None, p, p)
         bind(base, "ggml_backend_cpu_buffer_from_ptr", p, p, size)
         bind(base, "ggml_backend_buffer_free", None, p)
@@ -87,6 +97,23 @@ class GGML:
         # which are row-independent at any count). Costs ~2x on K-quant matrices at 16 rows.
         self.ggml_backend_cpu_set_use_ref(self.backend, True)
         self.lock = threading.Lock()  # one backend and work buffer, per-graph input/output buffers
+        self.repack_buffer_type = self._repack_buffer_type()
+
+    def _repack_buffer_type(self) -> int | None:
+        """ggml-cpu's CPU_REPACK buffer type, where llama.cpp keeps the matrices it re-lays out for
+        its SIMD matrix-vector kernels (None in a build without it)."""
+        registry = self.ggml_backend_cpu_reg()
+        address = self.ggml_backend_reg_get_proc_address(registry, b"ggml_backend_dev_get_extra_bufts")
+        if not address:
+            return None
+        types = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)(
+            self.ggml_backend_reg_dev_get(registry, 0))
+        index = 0
+        while types[index]:
+            if self.ggml_backend_buft_name(types[index]) == b"CPU_REPACK":
+                return types[index]
+            index += 1
+        return None
 
     def compute(self, graph: int, threads: int) -> None:
         """Run a graph (the caller holds `lock`: the backend and each graph's buffers are shared)."""
@@ -123,21 +150,52 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return copy
 
 
+# Formats whose matrix-vector product runs on ggml's repacked layout (CPU_REPACK): Q4_K, as
+# llama.cpp does, interleaved 8 rows at a time (out_features must be a multiple of 8). Measured on
+# the 1.5B Qwen (Q4_K_M, docs/kernels.md). Other formats stay as stored: this build repacks no
+# other format the packaged files use for x86 (its Q6_K path crashes in the repack here).
+REPACK_TYPES = (GGML_Q4_K,)
+
+
 class QuantBlocks:
     """One weight matrix [out, in] in one of ggml's formats, as raw blocks (uint8 [out, row_bytes]:
     often a read-only view of the memory-mapped GGUF file, which ggml only reads), placed where
-    ggml can read it."""
+    ggml can read it.
+
+    A REPACK_TYPES matrix is copied once into ggml's repack buffer instead (`repacked`): its
+    matrix-vector kernel there is faster, but its products over 4 or more rows take another
+    kernel with other rounding, so `QuantMatrix` multiplies such a matrix one row at a time."""
 
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int):
-        self.ggml = load()
-        row_bytes = self.ggml.ggml_row_size(ggml_type, in_features)
+        self.ggml = g = load()
+        row_bytes = g.ggml_row_size(ggml_type, in_features)
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != row_bytes \
                 or not blocks.flags.c_contiguous:
             raise RiverError(f"ggml type {ggml_type} rows of {in_features} weights take {row_bytes} bytes; "
                              f"got a {blocks.shape} {blocks.dtype} array")
-        self.blocks, self.type = aligned(blocks), ggml_type
-        self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.buffer = self.ggml.ggml_backend_cpu_buffer_from_ptr(self.blocks.ctypes.data, self.blocks.nbytes)
+        self.type, self.in_features, self.out_features = ggml_type, in_features, blocks.shape[0]
+        self.nbytes = blocks.nbytes
+        self.repacked = (g.repack_buffer_type is not None and ggml_type in REPACK_TYPES
+                         and self.out_features % 8 == 0)
+        if not self.repacked:
+            self.blocks = aligned(blocks)
+            self.buffer = g.ggml_backend_cpu_buffer_from_ptr(self.blocks.ctypes.data, self.blocks.nbytes)
+            self.data = self.blocks.ctypes.data
+            return
+        context = g.ggml_init(InitParams(g.ggml_tensor_overhead(), None, True))
+        try:
+            weight = g.ggml_new_tensor_2d(context, ggml_type, in_features, self.out_features)
+            self.buffer = g.ggml_backend_buft_alloc_buffer(
+                g.repack_buffer_type, g.ggml_backend_buft_get_alloc_size(g.repack_buffer_type, weight))
+            if not self.buffer:
+                raise RiverError(f"ggml could not allocate {blocks.nbytes} bytes for a repacked matrix")
+            self.data = g.ggml_backend_buffer_get_base(self.buffer)
+            if g.ggml_backend_tensor_alloc(self.buffer, weight, self.data):
+                raise RiverError("ggml could not place a repacked matrix")
+            blocks = np.ascontiguousarray(blocks)
+            g.ggml_backend_tensor_set(weight, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
+        finally:
+            g.ggml_free(context)
 
     def __del__(self):
         if getattr(self, "buffer", None):
@@ -167,7 +225,7 @@ class QuantMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(part.blocks.nbytes for part in self.parts)
+        return sum(part.nbytes for part in self.parts)
 
     def __del__(self):
         for graph in getattr(self, "graphs", {}).values():
@@ -184,10 +242,12 @@ class QuantMatrix:
         if graph is not None:
             return graph
         g = self.ggml
-        tensors = 2 * len(self.parts) + 1
-        context = g.ggml_init(InitParams(g.ggml_tensor_overhead() * tensors + g.ggml_graph_overhead(), None, True))
+        # per part: its weight, and one product (+ one row view per row for a repacked one)
+        nodes = sum(1 + (2 * rows if part.repacked and rows > 1 else 1) for part in self.parts) + 1
+        context = g.ggml_init(InitParams(g.ggml_tensor_overhead() * nodes + g.ggml_graph_overhead_custom(nodes, False),
+                                         None, True))
         x = g.ggml_new_tensor_2d(context, GGML_F32, self.in_features, rows)
-        cgraph = g.ggml_new_graph(context)
+        cgraph = g.ggml_new_graph_custom(context, nodes, False)
         inputs = torch.empty(rows, self.in_features)
         # Part i's result [rows, out_i] lies contiguous at rows * (out_0 + ... + out_{i-1}).
         outputs = torch.empty(rows * self.out_features)
@@ -197,10 +257,20 @@ class QuantMatrix:
         offset = 0
         for part in self.parts:
             weight = g.ggml_new_tensor_2d(context, part.type, self.in_features, part.out_features)
-            y = g.ggml_mul_mat(context, weight, x)
-            g.ggml_build_forward_expand(cgraph, y)
-            placed += [g.ggml_backend_tensor_alloc(part.buffer, weight, part.blocks.ctypes.data),
-                       g.ggml_backend_tensor_alloc(buffers[1], y, outputs.data_ptr() + 4 * rows * offset)]
+            placed.append(g.ggml_backend_tensor_alloc(part.buffer, weight, part.data))
+            if part.repacked and rows > 1:  # one matrix-vector product per row (see QuantBlocks)
+                for row in range(rows):
+                    x_row = g.ggml_view_2d(context, x, self.in_features, 1, 4 * self.in_features,
+                                           4 * self.in_features * row)
+                    placed.append(g.ggml_backend_view_init(x_row))
+                    y = g.ggml_mul_mat(context, weight, x_row)
+                    g.ggml_build_forward_expand(cgraph, y)
+                    placed.append(g.ggml_backend_tensor_alloc(
+                        buffers[1], y, outputs.data_ptr() + 4 * (rows * offset + row * part.out_features)))
+            else:
+                y = g.ggml_mul_mat(context, weight, x)
+                g.ggml_build_forward_expand(cgraph, y)
+                placed.append(g.ggml_backend_tensor_alloc(buffers[1], y, outputs.data_ptr() + 4 * rows * offset))
             offset += part.out_features
         if any(placed):
             self._free(graph)
