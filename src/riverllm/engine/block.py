@@ -62,14 +62,14 @@ class Projections:
         return Projections(**{f.name: None if getattr(self, f.name) is None else function(getattr(self, f.name))
                               for f in fields(self)})
 
-    def fused(self, qkv: nn.Module | None = None, gate_up: nn.Module | None = None) -> "Projections":
-        """The same weights with q/k/v as one `qkv` and gate/up as one `gate_up` projection (by
-        default their `Concat`; pass a truly fused module to replace it). A step then makes one
-        call where it made three and two; backbone and twin of a layer must be fused alike."""
+    def fused(self) -> "Projections":
+        """The same weights with q/k/v as one `qkv` and gate/up as one `gate_up` projection (their
+        `Concat`): the layout of a layer whose other weight set is truly fused (the ggml kernels'
+        backbone), since a layer's backbone and twin must have one layout."""
         if self.qkv is not None:  # already fused (Phi3)
             return self
-        return replace(self, q=None, k=None, v=None, qkv=Concat(self.q, self.k, self.v) if qkv is None else qkv,
-                       gate=None, up=None, gate_up=Concat(self.gate, self.up) if gate_up is None else gate_up)
+        return replace(self, q=None, k=None, v=None, qkv=Concat(self.q, self.k, self.v),
+                       gate=None, up=None, gate_up=Concat(self.gate, self.up))
 
 
 class Concat(nn.Module):

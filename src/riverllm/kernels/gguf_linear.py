@@ -74,7 +74,7 @@ def _unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
 
 def backbone_projections(gguf_path, engine, layers: nn.ModuleList) -> list[Projections]:
     """Every layer's backbone Projections from the GGUF's own quantized tensors, q/k/v and gate/up
-    fused (`Projections.fused`): each group is one ggml graph, so a decoding step makes 3 calls
+    fused: each group is one ggml graph, so a decoding step makes 3 calls
     into ggml per layer instead of 7. The biases and everything that is not a projection (norms,
     embeddings) stay the loaded model's."""
     from gguf import GGUFReader
