@@ -6,12 +6,15 @@ weight), and ggml, llama.cpp's tensor library, multiplies them as they are: it q
 activations to 8 bits and runs integer dot products over the blocks. PyTorch has no kernel for
 these formats, so without ggml the backbone is dequantized to float32 or bfloat16 and reads 2 to 4
 times the bytes. This module borrows ggml from the llama-cpp-python package (`pip install
-'riverllm[ggml]'`), which builds it for this CPU, and runs one ggml graph per matrix product.
+'riverllm[ggml]'`), which builds it for this CPU, and runs one ggml graph per product
+(a matrix, or a layer's q/k/v or gate/up matrices side by side).
 
 Only the public ggml API is used (ggml.h, ggml-backend.h, ggml-cpu.h): a context that allocates
 nothing, tensors placed on memory we own (`ggml_backend_cpu_buffer_from_ptr` +
 `ggml_backend_tensor_alloc`), `ggml_mul_mat`, and the CPU backend's `ggml_backend_graph_compute`.
-The weights stay in the GGUF's own bytes; activations and results are float32 torch tensors.
+The weights stay in the GGUF's own bytes (Q4_K ones in the CPU backend's repacked layout, found
+through the backend registry's `ggml_backend_dev_get_extra_bufts`); activations and results are
+float32 torch tensors.
 """
 
 from __future__ import annotations
