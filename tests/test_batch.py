@@ -159,7 +159,7 @@ def test_float_rows_get_their_batch_1_bits_at_every_row_count(shape, dtype):
         for rows in range(1, len(x) + 1):
             batch = stable_rows(linear, x[:rows])
             assert all(torch.equal(batch[r:r + 1], alone[r]) for r in range(rows)), rows
-    assert 1 <= row_group(linear) <= MAX_ROW_GROUP
+    assert 1 <= row_group(linear).size <= MAX_ROW_GROUP
 
 
 def test_row_group_takes_every_row_count_that_keeps_the_bits(monkeypatch):
@@ -171,8 +171,8 @@ def test_row_group_takes_every_row_count_that_keeps_the_bits(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         linear = torch.nn.Linear(64, 48).to(dtype)
         torch.nn.init.zeros_(linear.weight)
-        monkeypatch.delitem(block._row_groups, (48, 64, torch.get_num_threads(), dtype), raising=False)
-        assert block.row_group(linear) == block.MAX_ROW_GROUP
+        monkeypatch.delitem(block._row_groups, (torch.nn.Linear, 48, 64, torch.get_num_threads(), dtype), raising=False)
+        assert block.row_group(linear).size == block.MAX_ROW_GROUP
 
 
 def test_rows_alone_give_each_row_its_own_call(monkeypatch):
@@ -182,7 +182,8 @@ def test_rows_alone_give_each_row_its_own_call(monkeypatch):
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
-    monkeypatch.setitem(block._row_groups, (40, 96, torch.get_num_threads(), torch.float32), 1)
+    monkeypatch.setitem(block._row_groups, (torch.nn.Linear, 40, 96, torch.get_num_threads(), torch.float32),
+                       block.RowGroup(1))
     x = torch.randn(5, 1, 96)
     with torch.no_grad():
         batch = block.stable_rows(linear, x)

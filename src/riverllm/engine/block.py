@@ -57,6 +57,10 @@ class Projections:
                    gate=getattr(mlp, "gate_proj", None), up=getattr(mlp, "up_proj", None),
                    gate_up=getattr(mlp, "gate_up_proj", None), down=mlp.down_proj)
 
+    def modules(self) -> list[nn.Module]:
+        """The projections that are there (the split or the fused ones)."""
+        return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None]
+
     def map(self, function) -> "Projections":
         """The same projections, each one passed through `function` (None stays None)."""
         return Projections(**{f.name: None if getattr(self, f.name) is None else function(getattr(self, f.name))
@@ -121,7 +125,9 @@ ALL_TWIN = RowSplit(twin_only=True)
 # rows, which all agree). So decoding multiplies float rows in groups whose size never changes a
 # row's bits: `row_group` measures, once per weight shape, dtype and thread count on this CPU, the
 # most rows (up to MAX_ROW_GROUP) that give every row exactly what it gets paired with a copy of
-# itself; a single row is then paired with a copy of itself. Where the CPU's matrix-vector kernel is much faster
+# itself; a single row is then paired with a copy of itself, unless it measured the same alone
+# (packed bfloat16 on oneDNN, kernels/onednn.py: the head's one row costs 16.6 ms alone and 20.0
+# paired). Where the CPU's matrix-vector kernel is much faster
 # than its two-row GEMM (the AMD EPYC: MKL's small-row float32 GEMMs cost about one matrix-vector
 # product per row there, so a paired row costs 2x), every row is multiplied alone instead (group
 # 1): a row alone is the same call at any batch size. The int4 twin kernels are row-stable
@@ -131,7 +137,15 @@ ALL_TWIN = RowSplit(twin_only=True)
 MAX_ROW_GROUP = 16
 ROW_GROUP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALONE_IF_PAIR_COSTS = 1.5  # a paired row must cost this many single rows before rows go alone
-_row_groups: dict[tuple[int, int, int, torch.dtype], int] = {}
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    size: int  # rows per call (1: every row alone)
+    alone_exact: bool = False  # a single row alone gets the bits it gets paired (so it need not be)
+
+
+_row_groups: dict[tuple[type, int, int, int, torch.dtype], RowGroup] = {}
 
 
 def _median_seconds(call, repeats: int = 5) -> float:
@@ -143,12 +157,13 @@ def _median_seconds(call, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def row_group(linear: nn.Linear) -> int:
+def row_group(linear: nn.Linear) -> RowGroup:
     """How many rows one call of `linear` takes on this CPU with every row's result unchanged by
-    the batch size: 1 (each row alone) or 2..MAX_ROW_GROUP, measured on the first call for its
-    shape, dtype and thread count."""
+    the batch size: 1 (each row alone) or 2..MAX_ROW_GROUP, and whether a lone row may go alone;
+    measured on the first call for its shape, dtype and thread count."""
     dtype = linear.weight.dtype
-    key = (linear.out_features, linear.in_features, torch.get_num_threads(), dtype)
+    # per kernel too: a PackedLinear (kernels/onednn.py) is an nn.Linear on another code path
+    key = (type(linear), linear.out_features, linear.in_features, torch.get_num_threads(), dtype)
     if key not in _row_groups:
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(MAX_ROW_GROUP, 1, linear.in_features, generator=generator).to(dtype)
@@ -156,13 +171,14 @@ def row_group(linear: nn.Linear) -> int:
             linear(probe[:2])  # warm both kernels up before timing them
             alone, paired = (_median_seconds(lambda: linear(probe[:1])), _median_seconds(lambda: linear(probe[:2])))
             if paired > ALONE_IF_PAIR_COSTS * alone:
-                size = 1
+                group = RowGroup(1)
             else:
-                paired_rows = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe.split(1)])  # [8, 1, out]
+                paired_rows = torch.cat([linear(torch.cat([row, row]))[:1] for row in probe.split(1)])  # [16, 1, out]
                 size = 2
                 while size < MAX_ROW_GROUP and torch.equal(linear(probe[:size + 1]), paired_rows[:size + 1]):
                     size += 1
-        _row_groups[key] = size
+                group = RowGroup(size, torch.equal(torch.cat([linear(row) for row in probe.split(1)]), paired_rows))
+        _row_groups[key] = group
     return _row_groups[key]
 
 
@@ -171,13 +187,13 @@ def stable_rows(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (isinstance(linear, nn.Linear) and linear.weight.dtype in ROW_GROUP_DTYPES
             and linear.weight.device.type == "cpu" and x.shape[1] == 1):
         return linear(x)
-    group_size = row_group(linear)
-    if group_size == 1:
+    measured = row_group(linear)
+    if measured.size == 1:
         return linear(x) if x.shape[0] == 1 else torch.cat([linear(row) for row in x.split(1)])
     outputs = []
-    for start in range(0, x.shape[0], group_size):
-        group = x[start:start + group_size]
-        if group.shape[0] == 1:
+    for start in range(0, x.shape[0], measured.size):
+        group = x[start:start + measured.size]
+        if group.shape[0] == 1 and not measured.alone_exact:
             outputs.append(linear(torch.cat([group, group]))[:1])
         else:
             outputs.append(linear(group))
