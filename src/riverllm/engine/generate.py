@@ -77,7 +77,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [vocab] -> a 0-d token tensor (no host read here)."""
         if self.warpers is None:
-            return logits.argmax(dim=-1)
+            # float32 first: torch's CPU argmax over bfloat16 is 4x slower (0.55 vs 0.14 ms over
+            # 151,936 logits, cast included), and the cast is exact, so is the index
+            return logits.float().argmax(dim=-1)
         # The warpers used here (temperature, top-k, top-p) do not read the context ids.
         scores = self.warpers(None, logits.float()[None])
         return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[0, 0]

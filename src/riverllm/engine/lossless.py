@@ -139,7 +139,7 @@ class Judge(Sampler):
         """(token, its probability under the draft, the draft distribution or None when greedy)."""
         if self.warpers is None:
             if not need_confidence:
-                return int(logits.argmax()), 1.0, None
+                return int(logits.float().argmax()), 1.0, None  # float: see Sampler
             top = torch.softmax(logits.float(), dim=-1).max(dim=-1)
             return int(top.indices), float(top.values), None
         q = self.probs(logits)[0]
@@ -151,7 +151,7 @@ class Judge(Sampler):
         the accepted drafts, then the backbone's correction or bonus token. When sampling, a draft
         whose law is None was copied (prompt lookup): its law is all mass on the token."""
         if self.warpers is None:
-            targets = logits.argmax(dim=-1).tolist()  # one host read for the whole block
+            targets = logits.float().argmax(dim=-1).tolist()  # one host read for the whole block
             accepted = 0
             while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
                 accepted += 1
