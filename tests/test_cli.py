@@ -185,6 +185,7 @@ def test_stop_escapes_are_read_as_characters():
     (["inspect", "--prompt", "hi", "--plot", "/proc/no/such/dir/x.png"], ["--plot", "cannot write"]),
     (["generate", "--prompt", "hi", "--device", "meta"], ["meta", "cpu"]),
     (["eval", "--out", "/tmp/riverllm-never-written", "--kernels", "mkl"], ["--kernels", "ggml"]),
+    (["eval", "--out", "/tmp/riverllm-never-written", "--dtype", "fp8"], ["--dtype", "bfloat16"]),
     (["serve", "--kernels", "mkl"], ["--kernels", "ggml"]),
     (["serve", "--engine", "vllm", "--kernels", "ggml"], ["--kernels", "riverllm's own server"]),
 ])
@@ -224,3 +225,14 @@ def test_cache_files_are_readable_like_any_other_file(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and path.read_text() == "{}"
     assert list(path.parent.iterdir()) == [path]  # no temp file left
+
+
+def test_eval_runs_in_the_dtype_asked_for_and_keeps_it(tiny_dir, tmp_path):
+    """`eval --dtype bfloat16` (on a CPU with native bfloat16 several times faster in batches) loads
+    the backbone in bfloat16, records it in run.json, and refuses to resume that run in float32."""
+    common = ("eval", "--model", str(tiny_dir), "--tasks", "ppl", "--methods", "dense,river:0.9", "--metrics",
+              "agree", "--ppl-tokens", "32", "--ppl-window", "16", "--out", str(tmp_path / "run"), "--quiet")
+    proc = run(*common, "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bfloat16"
+    assert_one_line_error(run(*common, "--dtype", "float32"), "dtype=bfloat16")
