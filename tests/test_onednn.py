@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from riverllm.engine.block import Projections, stable_rows
-from riverllm.kernels import onednn
+from riverllm import cpu
 from riverllm.kernels.onednn import MAX_PACKED_ROWS, PackedLinear, pack_projections, packing_is_exact
 
 from conftest import tiny_model
@@ -77,5 +77,5 @@ def test_float32_and_short_memory_keep_the_plain_modules(monkeypatch):
     assert pack_projections(backbone, model.lm_head) == (backbone, model.lm_head)  # float32: MKL, not packed
     model = model.to(torch.bfloat16)
     backbone = [Projections.of(layer) for layer in model.model.layers]
-    monkeypatch.setattr(onednn, "available_memory", lambda: 1000)
+    monkeypatch.setattr(cpu, "available_memory", lambda: 1000)
     assert pack_projections(backbone, model.lm_head) == (backbone, model.lm_head)

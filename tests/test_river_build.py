@@ -79,3 +79,26 @@ def test_dequantized_weight_of_a_3_bit_twin_is_hqqs():
     codes, meta = twin.hqq_codes()
     assert twin.backend == "dequant"
     assert torch.equal(twin.dequantized_weight(), Quantizer.dequantize(codes, meta).reshape(64, 128).float())
+
+
+def test_a_twin_kept_dequantized_computes_exactly_what_it_computed_per_call(monkeypatch):
+    """Twins with no int4 kernel (3-bit here) keep their dequantized weight once instead of per
+    call (`keep_dequantized`, which RiverLM.river applies): the same outputs, bit for bit, in the
+    dtype it was kept in and in any other; not kept where memory is short."""
+    from riverllm import RiverLM, cpu
+    from riverllm.river.quant import QuantLinear, keep_dequantized
+
+    torch.manual_seed(0)
+    twin = QuantLinear(torch.nn.Linear(128, 96), 3, 64)
+    x = torch.randn(5, 128)
+    per_call = {dtype: twin(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    assert twin.keep_dequantized(torch.bfloat16) == 128 * 96 * 2 and twin.weight_bytes() == 128 * 96 * 2
+    assert all(torch.equal(twin(x.to(dtype)), out) for dtype, out in per_call.items())
+
+    lm = RiverLM(tiny_model("llama"), tokenizer=None)
+    river = lm.river(3)
+    twins = [m for m in river.modules() if isinstance(m, QuantLinear)]
+    assert twins and all(m.dequantized is not None and m.dequantized.dtype == torch.float32 for m in twins)
+    monkeypatch.setattr(cpu, "available_memory", lambda: 1000)
+    fresh = torch.nn.ModuleList([QuantLinear(torch.nn.Linear(128, 96), 3, 64)])
+    assert keep_dequantized(fresh, torch.float32) == 0 and fresh[0].dequantized is None

@@ -25,7 +25,7 @@ from riverllm.engine import DraftConfig, DraftStats, GenerationResult, RiverEngi
 from riverllm.errors import RiverError
 from riverllm.kernels.onednn import pack_projections
 from riverllm.policy import DEFAULT_TAU, FALLBACK_TAU, ExitPolicy, Method, check_tau
-from riverllm.river import HEAD_BITS, QuantConfig, build_river, low_bit_head
+from riverllm.river import HEAD_BITS, QuantConfig, build_river, keep_dequantized, low_bit_head
 from riverllm.textstream import TextStream
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -200,8 +200,9 @@ class RiverLM:
         """The Exit River for this bit width, built on first use and kept."""
         config = QuantConfig(bits or self.quant.bits, group_size or self.quant.group_size, self.quant.backend)
         if config not in self._rivers:
-            self._rivers[config] = build_river(self.engine.layers, config, progress=self.progress,
-                                               cache_dir=self.river_cache_dir)
+            river = build_river(self.engine.layers, config, progress=self.progress, cache_dir=self.river_cache_dir)
+            keep_dequantized(river, self.engine.dtype)  # twins with no int4 kernel: dequantized once, not per call
+            self._rivers[config] = river
         return self._rivers[config]
 
     def low_bit_head(self, bits: int) -> nn.Module:

@@ -83,3 +83,15 @@ def pick_cpu_threads(threads: int | None) -> int:
 def fast_cpu_dtype() -> torch.dtype:
     """The backbone dtype that decodes fastest on this CPU (see the module's docstring)."""
     return torch.bfloat16 if has_native_bf16() else torch.float32
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

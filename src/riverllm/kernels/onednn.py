@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from riverllm import cpu
 from riverllm.engine.block import Projections
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,6 @@ def packing_is_exact(dtype: torch.dtype) -> bool:
             return False
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def can_pack(linears: list[nn.Linear]) -> bool:
     """Whether `pack_linears` packs these: CPU weights in a packed dtype, exact packing on this
     machine, and memory for the copies."""
@@ -96,7 +85,7 @@ def can_pack(linears: list[nn.Linear]) -> bool:
     if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or not packing_is_exact(weight.dtype):
         return False
     needed = sum(linear.weight.nbytes for linear in linears)
-    free = available_memory()
+    free = cpu.available_memory()
     if free is not None and free < MEMORY_MARGIN * needed:
         log.info("not packing the weights for oneDNN: %.1f GB needed, %.1f GB available", needed / 1e9, free / 1e9)
         return False
