@@ -85,6 +85,24 @@ def test_every_row_gets_what_it_gets_alone(family, sampled):
     assert len(set(exits)) > 1, "the rows should leave at different layers"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_3_bit_river_keeps_every_row_what_it_gets_alone(dtype):
+    """3-bit twins have no int4 kernel: their weights are kept dequantized (`keep_dequantized`) and
+    multiplied as plain float layers, so through the same row-stable groups as the backbone (one
+    float GEMM over the whole batch would give a row other bits than alone on some CPUs)."""
+    from riverllm.river import keep_dequantized
+
+    engine = RiverEngine(tiny_model("qwen2").to(dtype))
+    river = build_river(engine.layers, QuantConfig(bits=3, group_size=64))
+    assert keep_dequantized(river, dtype) > 0
+    assert all(type(m) is torch.nn.Linear for weights in engine.twins(river) for m in weights.modules())
+    prompts = prompts_of((3, 9, 14, 6, 11, 1, 5, 8), seed=13)
+    policy = ExitPolicy(tau=spread_tau(engine, river, prompts))
+    alone, batched = alone_and_batched(engine, river, prompts, policy, [SamplingConfig()] * len(prompts))
+    assert batched == alone
+    assert len({e for _, row_exits in alone for e in row_exits[1:]}) > 1, "the rows should leave at different layers"
+
+
 def test_rows_finishing_early_leave_the_others_unchanged(family):
     engine, river = family
     prompts = prompts_of((5, 8, 12, 4), seed=12)

@@ -39,6 +39,7 @@ from riverllm.engine.block import (ALL_BACKBONE, ALL_TWIN, DecoderBlock, Project
                                    stable_rows)
 from riverllm.engine.cache import KVCache, PendingTokens
 from riverllm.policy import ExitPolicy
+from riverllm.river.quant import QuantLinear
 
 
 @dataclass
@@ -145,7 +146,7 @@ class RiverEngine:
             return self.twin_kernels(river)
         entry = self._twins.get(id(river))
         if entry is None or entry[0] is not river:
-            projections = [Projections.of(twin) for twin in river]
+            projections = [Projections.of(twin).map(kept_or_quantized) for twin in river]
             entry = self._twins[id(river)] = (river, projections)
         return entry[1]
 
@@ -464,3 +465,11 @@ class RiverEngine:
         k, v = self.blocks[index].kv_only(exit_hidden, self.backbone[index], cos, sin)
         cache.write(index, k, v, ctx.rows, ctx.slots, ctx.start)
 
+
+def kept_or_quantized(twin: nn.Module) -> nn.Module:
+    """A twin projection as the step multiplies it: a twin whose weight is kept dequantized
+    (`QuantLinear.keep_dequantized`: no int4 kernel for its bit width) as a plain nn.Linear, so that
+    it goes through the row-stable groups like a backbone layer (a whole batch in one float GEMM
+    would give a row other bits than alone); int4 twins as they are (their kernel is row-stable)."""
+    kept = twin.kept_linear() if isinstance(twin, QuantLinear) else None
+    return twin if kept is None else kept

@@ -13,7 +13,7 @@ tokens do not change, only the time.
 Only bfloat16 (and float16) weights are packed: float32 `F.linear` runs MKL, whose sums differ in
 the last bit from oneDNN's, and transformers' float32 results are the reference the tests match.
 The packed copy doubles the memory of the weights it covers (the model's own modules keep theirs
-for transformers' `generate` and for building the river), so `pack_linears` packs nothing when
+for transformers' `generate` and for building the river), so `pack_projections` packs nothing when
 the machine lacks the memory.
 """
 
@@ -77,7 +77,7 @@ def packing_is_exact(dtype: torch.dtype) -> bool:
 
 
 def can_pack(linears: list[nn.Linear]) -> bool:
-    """Whether `pack_linears` packs these: CPU weights in a packed dtype, exact packing on this
+    """Whether `pack_projections` packs these: CPU weights in a packed dtype, exact packing on this
     machine, and memory for the copies."""
     if not linears:
         return False

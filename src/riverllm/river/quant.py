@@ -185,6 +185,18 @@ class QuantLinear(nn.Module):
         self.dequantized = self._dequantize(dtype)
         return self.dequantized.nbytes
 
+    def kept_linear(self) -> nn.Linear | None:
+        """The kept dequantized weight as a plain nn.Linear computing what this layer computes (in
+        the kept dtype), so the engine multiplies it like a backbone layer, in row-stable groups
+        (engine/block.py's `stable_rows`); None when nothing is kept."""
+        if self.dequantized is None:
+            return None
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantized, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.to(self.dequantized.dtype), requires_grad=False)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "dequant":
             weight = self.dequantized
