@@ -95,3 +95,11 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+def has_memory_for(nbytes: int, margin: float = 2.0) -> bool:
+    """Whether a copy of `nbytes` fits with room to spare: `margin` times it available (True where
+    the platform does not say). One rule for every optional copy riverllm makes (packed weights,
+    dequantized twins)."""
+    free = available_memory()
+    return free is None or free >= margin * nbytes

@@ -35,7 +35,6 @@ PACKED_DTYPES = (torch.bfloat16, torch.float16)
 # Prompts (many rows) take F.linear: at 512 rows its unpacked call is as fast or faster (21.9 vs
 # 24.2 ms for a 4864 x 896 matrix), and the numbers are the same either way.
 MAX_PACKED_ROWS = 64
-MEMORY_MARGIN = 2.0  # pack only when the machine has this many times the packed bytes available
 
 
 class PackedLinear(nn.Linear):
@@ -85,9 +84,8 @@ def can_pack(linears: list[nn.Linear]) -> bool:
     if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or not packing_is_exact(weight.dtype):
         return False
     needed = sum(linear.weight.nbytes for linear in linears)
-    free = cpu.available_memory()
-    if free is not None and free < MEMORY_MARGIN * needed:
-        log.info("not packing the weights for oneDNN: %.1f GB needed, %.1f GB available", needed / 1e9, free / 1e9)
+    if not cpu.has_memory_for(needed):
+        log.info("not packing the weights for oneDNN: not twice their %.1f GB available", needed / 1e9)
         return False
     return True
 

@@ -225,15 +225,14 @@ class QuantLinear(nn.Module):
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
 
-def keep_dequantized(river: nn.Module, dtype: torch.dtype, memory_margin: float = 2.0) -> int:
+def keep_dequantized(river: nn.Module, dtype: torch.dtype) -> int:
     """On a CPU, keep the weights of a river's dequant-backend twins (3-bit, 2-bit, 8-bit: no int4
-    kernel) dequantized in `dtype`, when the machine has `memory_margin` times their bytes
-    available: a 3-bit river then decodes about as fast as a dense backbone instead of ~30x slower,
-    with the same numbers. Returns the bytes kept (0: none)."""
+    kernel) dequantized in `dtype`, when the machine has the memory (`cpu.has_memory_for`): a 3-bit
+    river then decodes about as fast as a dense backbone instead of ~30x slower, with the same
+    numbers. Returns the bytes kept (0: none)."""
     modules = [m for m in river.modules() if isinstance(m, QuantLinear) and m.backend == "dequant"
                and m.codes_packed.device.type == "cpu"]
     needed = sum(m.out_features * m.in_features for m in modules) * dtype.itemsize
-    free = cpu.available_memory()
-    if not modules or (free is not None and free < memory_margin * needed):
+    if not modules or not cpu.has_memory_for(needed):
         return 0
     return sum(m.keep_dequantized(dtype) for m in modules)
