@@ -39,7 +39,7 @@ def main() -> None:
     from riverllm.errors import RiverError
     from riverllm.eval.tasks import make_task
     from riverllm.files import write_text_atomic
-    from riverllm.policy import ExitPolicy
+    from riverllm.inspect import rule_exits, similarities
 
     try:
         records_path = args.study_dir / "samples" / "gsm8k" / "dense.jsonl"
@@ -54,25 +54,18 @@ def main() -> None:
         lm = riverllm.load(args.model, dtype=parse_dtype(dtype), progress=False)
         task = make_task("gsm8k")
         samples = {s.id: s for s in task.samples(None, 0, progress=False)}
-        engine = lm.engine
         # per tau: every answer position's exit layer
         exits: dict[float, list[int]] = {tau: [] for tau in TAUS}
         for record in records:
             prompt_ids = lm.encode(task.prompt(samples[record["id"]], chat=lm.has_chat_template))
             ids = prompt_ids + record["token_ids"][:-1]  # the last token is never fed back
-            cache = engine.new_cache(1, len(ids))
-            with torch.no_grad():
-                out = engine.forward(torch.tensor([ids], device=engine.device), cache, ExitPolicy(),
-                                     record_similarities=True)
-            sims = torch.stack([s[0] for s in out.similarities], dim=1)[len(prompt_ids):].tolist()
+            sims = similarities(lm, ids)[len(prompt_ids):]
             for tau in TAUS:
-                rule = ExitPolicy(tau=tau)
-                exits[tau] += [next((layer for layer, s in enumerate(row, 1) if rule.exits_after(layer, s)), len(row))
-                               for row in sims]
+                exits[tau] += rule_exits(sims, tau)
     except RiverError as error:
         sys.exit(f"error: {error}")
 
-    layers = engine.num_layers
+    layers = lm.engine.num_layers
     table = [dict(tau=tau, mean_exit_layer=sum(e) / len(e), full_precision_share=sum(e) / len(e) / layers,
                   positions=len(e)) for tau, e in exits.items()]
     lines = [f"# River's exit depth against tau: {args.model} ({layers} layers)", "",

@@ -11,22 +11,33 @@ from riverllm.files import write_atomic
 from riverllm.policy import ExitPolicy
 
 
+@torch.no_grad()
+def similarities(lm, ids: list[int]) -> list[list[float]]:
+    """s_l of every token of `ids` at every layer [tokens, layers], from one pass through the full
+    backbone (no exit)."""
+    engine = lm.engine
+    cache = engine.new_cache(1, len(ids))
+    out = engine.forward(torch.tensor([ids], device=engine.device), cache, ExitPolicy(), record_similarities=True)
+    return torch.stack([s[0] for s in out.similarities], dim=1).tolist()
+
+
+def rule_exits(sims: list[list[float]], tau: float) -> list[int]:
+    """The layer River's rule leaves at for each token's row of similarities (the last layer if none)."""
+    rule = ExitPolicy(tau=tau)
+    return [next((layer for layer, s in enumerate(row, 1) if rule.exits_after(layer, s)), len(row)) for row in sims]
+
+
 def similarity_table(lm, prompt: str, raw: bool = False, tau: float | None = None) -> dict:
     """Run the prompt through the full backbone (no exit) and record s_l for every token and layer."""
     ids = lm.encode(prompt, raw)
     if len(ids) > lm.context_length:
         raise RiverError(f"the prompt has {len(ids)} tokens but the model's context window is {lm.context_length}: "
                          "shorten it")
-    engine = lm.engine
-    cache = engine.new_cache(1, len(ids))
-    out = engine.forward(torch.tensor([ids], device=engine.device), cache, ExitPolicy(), record_similarities=True)
-    sims = torch.stack([s[0] for s in out.similarities], dim=1).tolist()  # [tokens, layers]
+    sims = similarities(lm, ids)
     threshold = lm.default_tau() if tau is None else tau
-    rule = ExitPolicy(tau=threshold)
-    exits = [next((layer for layer, s in enumerate(row, 1) if rule.exits_after(layer, s)), len(row)) for row in sims]
     tokens = [lm.tokenizer.decode([i]) for i in ids]
-    return {"tokens": tokens, "token_ids": ids, "similarities": sims, "num_layers": engine.num_layers,
-            "tau": threshold, "exit_layers": exits}
+    return {"tokens": tokens, "token_ids": ids, "similarities": sims, "num_layers": lm.engine.num_layers,
+            "tau": threshold, "exit_layers": rule_exits(sims, threshold)}
 
 
 def write_heatmap(report: dict, path: Path) -> None:
