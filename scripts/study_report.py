@@ -10,7 +10,11 @@ dense, to the full low-bit model (w4 / w3) and, for a River setting, to the stat
 gap; the speed of each method: a row's tok/s while the run decoded it in a batch (from the
 records) and, where DIR/speed/bench.json holds a batch-1 timing slice (`riverllm bench --model M
 --batch-sizes 1 --methods ...`, one thread), its batch-1 decode tok/s; and Pareto plots of score
-against the share of layers at full precision and against batch-1 tok/s. Writes study.md,
+against the share of layers at full precision and against batch-1 tok/s; where the run measured
+teacher-forced fidelity (`--metrics agree,kl`, cached per sample under DIR/fidelity/), each method's
+agreement with dense and KL against it, the paired KL difference to the same controls (per
+window or sample, with a 95% interval), and a plot of KL against the share of layers at full
+precision and against batch-1 tok/s. Writes study.md,
 study.json and study_pareto.png into the directory; reads only finished records, so it can run
 on a partial study.
 """
@@ -23,6 +27,7 @@ import math
 import re
 from pathlib import Path
 
+from riverllm.eval.runner import records_path
 from riverllm.files import write_atomic, write_text_atomic
 
 
@@ -43,19 +48,43 @@ def load(directory: Path) -> dict[str, dict[str, dict[str, dict]]]:
     return records
 
 
+def load_fidelity(directory: Path, records: dict[str, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict[str, dict]]]:
+    """{task: {method: {sample id: {"agree", "kl", "positions", ...}}}} from the per-sample fidelity
+    cache `riverllm eval --metrics agree,kl` keeps under DIR/fidelity/ (riverllm/eval/fidelity.py)."""
+    fidelity: dict[str, dict[str, dict[str, dict]]] = {}
+    for task, methods in records.items():
+        for method, recs in methods.items():
+            path = directory / "fidelity" / records_path(Path(), task, method)
+            if not path.exists():
+                continue
+            by_id = {}
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry["id"] in recs and entry["positions"] > 0:
+                    by_id[entry["id"]] = {"positions": entry["positions"], "agree": entry["agreeing"] / entry["positions"],
+                                          "kl": entry["kl_sum"] / entry["positions"], "agreeing": entry["agreeing"],
+                                          "kl_sum": entry["kl_sum"]}
+            if by_id:
+                fidelity.setdefault(task, {})[method] = by_id
+    return fidelity
+
+
 def mean_exit(records: dict[str, dict]) -> float:
     exits = [e for r in records.values() for e in r["exit_layers"][1:]] or [
         e for r in records.values() for e in r["exit_layers"]]
     return sum(exits) / max(len(exits), 1)
 
 
-def paired(a: dict[str, dict], b: dict[str, dict], higher_is_better: bool) -> dict | None:
+def paired(a: dict[str, dict], b: dict[str, dict], higher_is_better: bool, key: str = "score") -> dict | None:
     """Mean of a - b over shared samples (in score points: percent for accuracy), with a 95% CI."""
     shared = sorted(set(a) & set(b))
     if len(shared) < 2:
         return None
     scale = 100.0 if higher_is_better else 1.0
-    diffs = [scale * (a[i]["score"] - b[i]["score"]) for i in shared]
+    diffs = [scale * (a[i][key] - b[i][key]) for i in shared]
     mean = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
     half = 1.96 * sd / math.sqrt(len(diffs))
@@ -101,6 +130,7 @@ def analyse(directory: Path) -> dict:
     speeds, speed_environment = batch1_speeds(directory)
     study = {"directory": str(directory), "model": run.get("model"), "num_layers": num_layers, "tasks": {},
              "speed_environment": speed_environment}
+    fidelity = load_fidelity(directory, records)
     for task, methods in records.items():
         higher = task != "ppl"  # ppl's score is a per-token NLL: lower is better
         rows = {}
@@ -120,6 +150,17 @@ def analyse(directory: Path) -> dict:
             for label, ref in refs.items():
                 if ref != method and ref in methods:
                     row[f"vs_{label}"] = {"method": ref, **(paired(recs, methods[ref], higher) or {})}
+            measured = fidelity.get(task, {})
+            if method in measured:
+                entries = measured[method]
+                positions = sum(e["positions"] for e in entries.values())
+                row["fidelity"] = {"n": len(entries), "positions": positions,
+                                   "agree": 100.0 * sum(e["agreeing"] for e in entries.values()) / positions,
+                                   "kl": sum(e["kl_sum"] for e in entries.values()) / positions}
+                for label, ref in refs.items():
+                    if ref != method and ref in measured:
+                        row["fidelity"][f"kl_vs_{label}"] = {
+                            "method": ref, **(paired(entries, measured[ref], False, key="kl") or {})}
             if (method.startswith("river") or is_mixed(method)) and "dense" in methods and f"w{bits_of(method)}" in methods:
                 full, low = score(methods["dense"], higher), score(methods[f"w{bits_of(method)}"], higher)
                 if abs(full - low) > 1e-9:
@@ -162,6 +203,26 @@ def markdown(study: dict) -> str:
                          f"{cell(row.get('vs_wN'))} | {cell(row.get('vs_static'))} | {cell(row.get('vs_mixed'))} | "
                          f"{'-' if 'gap_recovered' not in row else format(row['gap_recovered'], '.2f')} |")
         lines.append("")
+        measured = {m: r for m, r in rows.items() if "fidelity" in r}
+        if measured:
+            lines += [f"### {task}: fidelity against dense (teacher-forced)", "",
+                      "KL(dense || method) in nats per position and greedy agreement, teacher-forced on "
+                      + ("the Brown windows" if task == "ppl" else "each prompt plus dense's own answer")
+                      + "; KL differences paired per window or sample (negative: closer to dense than the control).", "",
+                      "| method | samples | positions | mean exit | agree % | KL | KL vs wN | KL vs static | KL vs mixed |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+
+            def kl_cell(value: dict | None) -> str:
+                if not value or "diff" not in value:
+                    return "-"
+                return f"{value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}] ({value['method']})"
+
+            for method, row in sorted(measured.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
+                fid = row["fidelity"]
+                lines.append(f"| {method} | {fid['n']} | {fid['positions']} | {row['mean_exit_layer']:.2f} | "
+                             f"{fid['agree']:.1f} | {fid['kl']:.4f} | {kl_cell(fid.get('kl_vs_wN'))} | "
+                             f"{kl_cell(fid.get('kl_vs_static'))} | {kl_cell(fid.get('kl_vs_mixed'))} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -175,20 +236,25 @@ def plot(study: dict, path: Path) -> None:
 
     tasks = list(study["tasks"])
     axes_x = [("full_precision_share", 100, "layers at full precision (%)"), ("batch1_tok_s", 1, "batch-1 decode tok/s")]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
+    panels = [(x, "score") for x in axes_x]
+    if any("fidelity" in row for rows in study["tasks"].values() for row in rows.values()):
+        panels += [(x, "kl") for x in axes_x]
+    fig, axes = plt.subplots(len(panels), len(tasks), figsize=(5 * len(tasks), 4 * len(panels)), squeeze=False)
     for column, task in enumerate(tasks):
-        for row_axes, (key, scale, label) in zip(axes, axes_x):
+        for row_axes, ((key, scale, label), y) in zip(axes, panels):
             ax = row_axes[column]
             for method, row in study["tasks"][task].items():
-                if row.get(key) is None:
+                value = row["score"] if y == "score" else row.get("fidelity", {}).get("kl")
+                if row.get(key) is None or value is None:
                     continue
                 marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
                           else "s" if "@" in method else "^")
-                ax.scatter(scale * row[key], row["score"], marker=marker)
-                ax.annotate(method, (scale * row[key], row["score"]), fontsize=6)
+                ax.scatter(scale * row[key], value, marker=marker)
+                ax.annotate(method, (scale * row[key], value), fontsize=6)
             ax.set_xlabel(label)
-            ax.set_ylabel("NLL per token (lower is better)" if task == "ppl" else "score (%)")
-            ax.set_title(task)
+            ax.set_ylabel("KL against dense (nats per position)" if y == "kl" else
+                          "NLL per token (lower is better)" if task == "ppl" else "score (%)")
+            ax.set_title(f"{task}: fidelity" if y == "kl" else task)
     fig.tight_layout()
     write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
     plt.close(fig)

@@ -52,3 +52,38 @@ def test_speeds_come_from_the_records_and_the_timing_slice(tmp_path, script):
     assert "| 9.50 | 2.00 @8 |" in text and "1 thread(s)" in text
     study_report.plot(study, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def write_fidelity(directory, method: str, kls: list[float], agreeing: list[int], positions: int = 10) -> None:
+    from pathlib import Path
+
+    from riverllm.eval.runner import records_path
+
+    path = directory / "fidelity" / records_path(Path(), "gsm8k", method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": f"s{i}", "fingerprint": "f", "positions": positions, "agreeing": agree,
+                         "kl_sum": kl * positions}) for i, (kl, agree) in enumerate(zip(kls, agreeing))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_fidelity_columns_read_the_evals_cache_and_pair_with_the_controls(tmp_path, script):
+    study_report = script("study_report")
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "num_layers": 24}))
+    write_records(tmp_path, "dense", [1, 1, 1], 24)
+    write_records(tmp_path, "river:0.94", [1, 0, 1], 8)
+    write_records(tmp_path, "river@8", [0, 0, 1], 8)
+    write_records(tmp_path, "w4-last8", [1, 1, 0], 8)  # no fidelity measured: its column stays empty
+    write_fidelity(tmp_path, "dense", [0.0, 0.0, 0.0], [10, 10, 10])
+    write_fidelity(tmp_path, "river:0.94", [0.10, 0.20, 0.30], [9, 8, 7])
+    write_fidelity(tmp_path, "river@8", [0.15, 0.30, 0.35], [8, 8, 6])
+    study = study_report.analyse(tmp_path)
+    rows = study["tasks"]["gsm8k"]
+    river = rows["river:0.94"]["fidelity"]
+    assert river["kl"] == pytest.approx(0.2) and river["agree"] == pytest.approx(80.0) and river["positions"] == 30
+    assert river["kl_vs_static"]["method"] == "river@8"
+    assert river["kl_vs_static"]["diff"] == pytest.approx(-(0.05 + 0.10 + 0.05) / 3)
+    assert "fidelity" not in rows["w4-last8"] and "kl_vs_mixed" not in river
+    text = study_report.markdown(study)
+    assert "fidelity against dense" in text and "| river:0.94 | 3 | 30 | 8.00 | 80.0 | 0.2000 |" in text
+    study_report.plot(study, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -15,7 +15,7 @@ Everything measured is cached under the run's directory, so a resumed run or a r
 without the model measures nothing twice:
 
     fidelity/reference/<task>/<sample>-<hash>.pt   dense's reference (final hidden states)
-    fidelity/<task>/<method>.jsonl                 per sample: positions, agreeing, kl_sum
+    fidelity/samples/<task>/<method>.jsonl         per sample: positions, agreeing, kl_sum
     fidelity/kernels.json                          method -> kernel
 """
 
