@@ -49,7 +49,7 @@ def load(directory: Path) -> dict[str, dict[str, dict[str, dict]]]:
 
 
 def load_fidelity(directory: Path, records: dict[str, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict[str, dict]]]:
-    """{task: {method: {sample id: {"agree", "kl", "positions", ...}}}} from the per-sample fidelity
+    """{task: {method: {sample id: {"positions", "agreeing", "kl_sum", "kl"}}}} from the per-sample fidelity
     cache `riverllm eval --metrics agree,kl` keeps under DIR/fidelity/ (riverllm/eval/fidelity.py)."""
     fidelity: dict[str, dict[str, dict[str, dict]]] = {}
     for task, methods in records.items():
@@ -64,9 +64,8 @@ def load_fidelity(directory: Path, records: dict[str, dict[str, dict[str, dict]]
                 except json.JSONDecodeError:
                     continue
                 if entry["id"] in recs and entry["positions"] > 0:
-                    by_id[entry["id"]] = {"positions": entry["positions"], "agree": entry["agreeing"] / entry["positions"],
-                                          "kl": entry["kl_sum"] / entry["positions"], "agreeing": entry["agreeing"],
-                                          "kl_sum": entry["kl_sum"]}
+                    by_id[entry["id"]] = {"positions": entry["positions"], "agreeing": entry["agreeing"],
+                                          "kl_sum": entry["kl_sum"], "kl": entry["kl_sum"] / entry["positions"]}
             if by_id:
                 fidelity.setdefault(task, {})[method] = by_id
     return fidelity
@@ -170,6 +169,20 @@ def analyse(directory: Path) -> dict:
     return study
 
 
+def cell(value: dict | None) -> str:
+    """A paired difference as a table cell: mean [95% interval] (control, n)."""
+    if not value or "diff" not in value:
+        return "-"
+    return f"{value['diff']:+.2f} [{value['low']:+.2f}, {value['high']:+.2f}] ({value['method']}, n={value['n']})"
+
+
+def kl_cell(value: dict | None) -> str:
+    """The same for a KL difference, which needs more digits (the sample count is the table's)."""
+    if not value or "diff" not in value:
+        return "-"
+    return f"{value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}] ({value['method']})"
+
+
 def markdown(study: dict) -> str:
     lines = [f"# Quality study: {study['model']} ({study['num_layers']} layers)", "",
              "Scores: percent correct (humaneval pass@1, gsm8k), mean per-token NLL (ppl, lower is better). "
@@ -187,11 +200,6 @@ def markdown(study: dict) -> str:
         lines += [f"## {task}", "", "| method | n | score | mean exit | full-precision share | batch-1 tok/s | "
                   "row tok/s @B | vs dense | vs wN | vs static | vs mixed | gap recovered |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-        def cell(value: dict | None) -> str:
-            if not value or "diff" not in value:
-                return "-"
-            return f"{value['diff']:+.2f} [{value['low']:+.2f}, {value['high']:+.2f}] ({value['method']}, n={value['n']})"
 
         for method, row in sorted(rows.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
             share, fast, batched = row["full_precision_share"], row.get("batch1_tok_s"), row.get("row_tok_s_batched")
@@ -211,11 +219,6 @@ def markdown(study: dict) -> str:
                       + "; KL differences paired per window or sample (negative: closer to dense than the control).", "",
                       "| method | samples | positions | mean exit | agree % | KL | KL vs wN | KL vs static | KL vs mixed |",
                       "|---|---|---|---|---|---|---|---|---|"]
-
-            def kl_cell(value: dict | None) -> str:
-                if not value or "diff" not in value:
-                    return "-"
-                return f"{value['diff']:+.4f} [{value['low']:+.4f}, {value['high']:+.4f}] ({value['method']})"
 
             for method, row in sorted(measured.items(), key=lambda kv: kv[1]["mean_exit_layer"]):
                 fid = row["fidelity"]
