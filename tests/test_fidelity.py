@@ -76,8 +76,9 @@ def test_agree_and_kl_are_monotone_in_tau(river_by_tau):
 
 def test_eval_reports_agree_kl_match_and_kernel(smollm2, tmp_path):
     assert "riverllm.eval.fidelity" in metrics.METRIC_MODULES  # the columns come through the eval's hook
-    config = EvalConfig.parse("ppl,gsm8k", "dense,w4", tmp_path, limit=1, max_new_tokens="8",
-                              ppl_tokens=24, ppl_window=24, progress=False)
+    # Two windows measured as one batch of two (per-row exits: the same as one at a time, below).
+    config = EvalConfig.parse("ppl,gsm8k", "dense,w4", tmp_path, limit=2, max_new_tokens="8",
+                              ppl_tokens=48, ppl_window=24, progress=False, batch_size=2)
     summary = run_eval(smollm2, config)
     rows = {(r["task"], r["method"]): r for r in summary["results"]}
     for task in ("ppl", "gsm8k"):
@@ -86,12 +87,12 @@ def test_eval_reports_agree_kl_match_and_kernel(smollm2, tmp_path):
         assert 0 <= rows[(task, "w4")]["agree"] <= 100 and rows[(task, "w4")]["kl"] > 0
     assert rows[("gsm8k", "dense")]["match"] == 100.0
 
-    # The ppl cell equals a direct measurement on the task's own window.
-    task = make_task("ppl", 24, 24)
-    sample = task.samples(1, 0, progress=False)[0]
-    segment = Segment(sample.id, smollm2.encode(sample.text, raw=True)[:16 + 24], 16)
-    direct = measure(smollm2, [segment], "w4", References(smollm2))
-    assert rows[("ppl", "w4")]["agree"] == pytest.approx(100 * direct.agree)
+    # The ppl cell equals a direct measurement on the task's own windows, one window at a time.
+    task = make_task("ppl", 48, 24)
+    segments = [Segment(sample.id, smollm2.encode(sample.text, raw=True)[:16 + 24], 16)
+                for sample in task.samples(2, 0, progress=False)]
+    direct = measure(smollm2, segments, "w4", References(smollm2), batch_size=1)
+    assert direct.positions == 48 and rows[("ppl", "w4")]["agree"] == pytest.approx(100 * direct.agree)
     assert rows[("ppl", "w4")]["kl"] == pytest.approx(direct.kl, rel=1e-5)
 
     columns = {c["key"]: c for c in summary["columns"]}
@@ -100,8 +101,8 @@ def test_eval_reports_agree_kl_match_and_kernel(smollm2, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["results"] == summary["results"]
 
     # Rebuilt from the files alone (no model), the cached measurements give the same cells.
-    tasks = {name: make_task(name, 24, 24) for name in ("ppl", "gsm8k")}
-    samples = {name: t.samples(1, 0, progress=False) for name, t in tasks.items()}
+    tasks = {name: make_task(name, 48, 24) for name in ("ppl", "gsm8k")}
+    samples = {name: t.samples(2, 0, progress=False) for name, t in tasks.items()}
     rebuilt = summarize(tmp_path, tasks, ["dense", "w4"], samples, summary["settings"], lm=None)
     assert rebuilt["results"] == summary["results"]
 

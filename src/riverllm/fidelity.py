@@ -68,11 +68,11 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, lm: RiverLM) -> torch.Tensor:
-        """[positions, vocab] float32, each row computed alone, as the decoding step computed it
-        (a batched matmul may round differently; dense must compare to itself exactly)."""
+        """[positions, vocab] float32, each row as the decoding step computed it: the positions go
+        through the head as a batch of one-token rows, which the engine computes row-stably (each
+        row's bits are those it gets alone), so dense compares to itself exactly."""
         engine = lm.engine
-        hidden = self.hidden.to(engine.device)
-        return torch.stack([engine.head(hidden[i:i + 1][None])[0, 0].float() for i in range(len(hidden))])
+        return engine.head(self.hidden.to(engine.device)[:, None])[:, 0].float()
 
     def save(self, path: Path) -> None:
         """Write atomically: a reference cut off half-way must never be read back."""

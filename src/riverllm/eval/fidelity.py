@@ -120,19 +120,23 @@ class FidelityColumns:
         references = References(lm, root / "reference") if lm is not None else None
         bar = tqdm(total=todo, desc="fidelity vs dense", unit="tok", disable=None if todo else True, leave=False)
         for task_name, method, records, cached, cache_path, segments in plan:
+            # Measure what is not cached, the run's batch size at a time (per-row exits: each
+            # segment's numbers are those it gets alone), appending each batch as it finishes.
+            stale = [(r["id"], segments[r["id"]]) for r in records if r["id"] in segments
+                     and cached.get(r["id"], {}).get("fingerprint") != segments[r["id"]].fingerprint]
+            for start in range(0, len(stale), context.batch_size):
+                chunk = stale[start:start + context.batch_size]
+                measured = measure(lm, [segment for _, segment in chunk], method, references, batch_size=len(chunk))
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                for (sample_id, segment), (positions, agreeing, kl_sum) in zip(chunk, measured.segments):
+                    cached[sample_id] = {"id": sample_id, "fingerprint": segment.fingerprint, "positions": positions,
+                                         "agreeing": agreeing, "kl_sum": kl_sum}
+                    append_record(cache_path, cached[sample_id])
+                bar.update(sum(segment.positions for _, segment in chunk))
             total = Fidelity()
             missing = False  # a sample with no measurement that only the model could make
             for record in records:
-                sample_id = record["id"]
-                segment = segments.get(sample_id)
-                entry = cached.get(sample_id)
-                if segment is not None and (entry is None or entry.get("fingerprint") != segment.fingerprint):
-                    measured = measure(lm, [segment], method, references, bits=None)
-                    entry = {"id": sample_id, "fingerprint": segment.fingerprint, "positions": measured.positions,
-                             "agreeing": measured.agreeing, "kl_sum": measured.kl_sum}
-                    cache_path.parent.mkdir(parents=True, exist_ok=True)
-                    append_record(cache_path, entry)
-                    bar.update(segment.positions)
+                entry = cached.get(record["id"])
                 if entry is None:  # with the model loaded this means dense gave no answer to score
                     missing = missing or lm is None
                     continue

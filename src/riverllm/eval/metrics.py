@@ -57,6 +57,7 @@ class MetricContext:
     out_dir: Path  # the run's output directory (a provider may cache its own files here)
     lm: RiverLM | None = None  # the model, when the run has it loaded
     settings: dict[str, Any] = field(default_factory=dict)  # run.json: model, bits, group size, task settings
+    batch_size: int = 1  # samples a provider may run through the model together (the run's --batch-size)
 
 
 @dataclass(frozen=True)

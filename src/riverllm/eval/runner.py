@@ -246,13 +246,15 @@ def run_eval(lm: RiverLM, config: EvalConfig) -> dict:
                     append_record(path, {"task": task.name, "method": method.name, **record})
                 bar.update(len(chunk))
 
-    summary = summarize(config.out_dir, tasks, [m.name for m in methods], samples, settings, lm, config.metrics)
+    summary = summarize(config.out_dir, tasks, [m.name for m in methods], samples, settings, lm, config.metrics,
+                        config.batch_size)
     write_outputs(config.out_dir, summary)
     return summary
 
 
 def summarize(out_dir: Path, tasks: dict[str, Task], methods: list[str], samples: dict[str, list[Sample]],
-              settings: dict, lm: RiverLM | None = None, metrics: list[str] | None = None) -> dict:
+              settings: dict, lm: RiverLM | None = None, metrics: list[str] | None = None,
+              batch_size: int = 1) -> dict:
     """The summary of this run's samples (those of the current --limit) from the JSONL files, with
     the extra columns of the metric providers named in `metrics` (None: all of them)."""
     num_layers = settings["num_layers"]
@@ -265,7 +267,7 @@ def summarize(out_dir: Path, tasks: dict[str, Task], methods: list[str], samples
             for key, recs in records.items()}
     add_speedups(rows)
     providers = [p for p in load_metric_providers() if metrics is None or p.name in metrics]
-    context = MetricContext(records, tasks, methods, rows, out_dir, lm, settings)
+    context = MetricContext(records, tasks, methods, rows, out_dir, lm, settings, batch_size)
     for provider in providers:
         values = provider.compute(context)
         for key, row in rows.items():
