@@ -254,6 +254,8 @@ def main() -> None:
     parser.add_argument("--bits", default="4,3", help="river bit widths, comma-separated")
     parser.add_argument("--tokens", type=int, default=1024, help="scored positions")
     parser.add_argument("--window", type=int, default=128, help="scored tokens per window")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the backbone's dtype (default: the engine's default on this device)")
     args = parser.parse_args()
     try:
         bits_list = [int(b) for b in args.bits.split(",")]
@@ -261,7 +263,7 @@ def main() -> None:
         parser.error(f"--bits takes comma-separated integers, got '{args.bits}'")
     model, out = args.model, args.out
     torch.set_num_threads(1)
-    lm = riverllm.load(model, progress=False)
+    lm = riverllm.load(model, progress=False, dtype=getattr(torch, args.dtype) if args.dtype else None)
     segments, text = calibration_segments(lm, tokens=args.tokens, window=args.window)
     references, similarities = [], []
     for segment in tqdm(segments, desc="dense", leave=False):
