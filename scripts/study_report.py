@@ -5,7 +5,7 @@
 `riverllm eval` writes per-sample records (samples/<task>/<method>.jsonl) and its own report.
 This adds what a comparison on 100-164 problems needs: for every method, the paired difference to
 dense, to the full low-bit model (w4 / w3) and, for a River setting, to the static-depth control
-`river@K` with K its rounded mean exit layer, each over the samples both have, with a 95% interval
+`river@K` with K the run's control nearest its mean exit layer (within one layer), each over the samples both have, with a 95% interval
 (normal approximation of the mean of paired differences); River3's recovery of the w3-to-dense
 gap; the speed of each method: a row's tok/s while the run decoded it in a batch (from the
 records) and, where DIR/speed/bench.json holds a batch-1 timing slice (`riverllm bench --model M
@@ -122,6 +122,15 @@ def is_mixed(method: str) -> bool:
     return re.match(r"^w\d+-last\d+$", method) is not None
 
 
+def same_cost(prefix: str, depth: float, methods: dict) -> str:
+    """The control `prefix`K of this run nearest the mean exit layer `depth`, within one layer
+    (a tau's depth on the task is known only after the run, so the control run beforehand may sit
+    a fraction of a layer off its rounded value); `prefix`round(depth) when none is that near."""
+    ran = [int(m[len(prefix):]) for m in methods if m.startswith(prefix) and m[len(prefix):].isdigit()]
+    near = [k for k in ran if abs(k - depth) <= 1.0]
+    return f"{prefix}{min(near, key=lambda k: (abs(k - depth), k)) if near else round(depth)}"
+
+
 def analyse(directory: Path) -> dict:
     records = load(directory)
     run = json.loads((directory / "run.json").read_text()) if (directory / "run.json").exists() else {}
@@ -143,9 +152,9 @@ def analyse(directory: Path) -> dict:
             bits = bits_of(method)
             river = f"river{'' if bits == 4 else bits}"
             if (method.startswith("river") and ":" in method or is_mixed(method)) and num_layers:
-                refs["static"] = f"{river}@{round(depth)}"  # a mix's exit_layers count its backbone layers
+                refs["static"] = same_cost(f"{river}@", depth, methods)  # a mix's exit_layers count its backbone layers
             if method.startswith("river") and num_layers:
-                refs["mixed"] = f"w{bits}-last{round(depth)}"
+                refs["mixed"] = same_cost(f"w{bits}-last", depth, methods)
             for label, ref in refs.items():
                 if ref != method and ref in methods:
                     row[f"vs_{label}"] = {"method": ref, **(paired(recs, methods[ref], higher) or {})}
@@ -187,8 +196,8 @@ def markdown(study: dict) -> str:
     lines = [f"# Quality study: {study['model']} ({study['num_layers']} layers)", "",
              "Scores: percent correct (humaneval pass@1, gsm8k), mean per-token NLL (ppl, lower is better). "
              "Differences are paired over the samples both methods finished, with a 95% interval; "
-             "`static` is river@K at the setting's rounded mean exit layer (for a mix wN-lastK: river@K, the same "
-             "cost), `mixed` the static mix wN-lastK with as many full-precision layers; `gap recovered` is "
+             "`static` is the run's river@K nearest the setting's mean exit layer, within one layer (for a mix "
+             "wN-lastK: river@K, the same cost), `mixed` the static mix wN-lastK chosen the same way; `gap recovered` is "
              "(method - wN) / (dense - wN). Speed: `batch-1 tok/s` is the timing slice in speed/ (see below), "
              "`row tok/s @B` a row's decode speed while the run decoded it in batches of B (it shared each step "
              "with B-1 others: the run's throughput is about B times it).", ""]

@@ -34,6 +34,14 @@ def test_river_settings_and_static_mixes_meet_their_same_cost_controls(tmp_path,
     assert mixed["full_precision_share"] == pytest.approx(8 / 24)
     assert "vs_mixed" in river and "| w4-last8 |" in study_report.markdown(study_report.analyse(tmp_path))
 
+    # A setting whose tokens left a fraction of a layer off the control's depth meets the nearest
+    # control within one layer, and none farther away.
+    write_records(tmp_path, "river:0.93", [1, 0, 0, 0], 11)  # no river@11 ran
+    write_records(tmp_path, "river@12", [0, 0, 0, 0], 12)
+    write_records(tmp_path, "river@13", [1, 1, 1, 1], 13)
+    rows = study_report.analyse(tmp_path)["tasks"]["gsm8k"]
+    assert rows["river:0.93"]["vs_static"]["method"] == "river@12" and "vs_mixed" not in rows["river:0.93"]
+
 
 def test_speeds_come_from_the_records_and_the_timing_slice(tmp_path, script):
     study_report = script("study_report")
