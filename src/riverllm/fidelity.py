@@ -68,11 +68,15 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, lm: RiverLM) -> torch.Tensor:
-        """[positions, vocab] float32, each row as the decoding step computed it: the positions go
-        through the head as a batch of one-token rows, which the engine computes row-stably (each
-        row's bits are those it gets alone), so dense compares to itself exactly."""
+        """[positions, vocab] float32, each row as the decoding step computed it, so that dense
+        compares to itself exactly. On a CPU the positions go through the head as one batch of
+        one-token rows, which the engine computes row-stably (each row's bits are those it gets
+        alone); elsewhere a batched matmul may round differently, so each row goes alone."""
         engine = lm.engine
-        return engine.head(self.hidden.to(engine.device)[:, None])[:, 0].float()
+        hidden = self.hidden.to(engine.device)[:, None]
+        if engine.device.type == "cpu":
+            return engine.head(hidden)[:, 0].float()
+        return torch.cat([engine.head(row)[:, 0].float() for row in hidden.split(1)])
 
     def save(self, path: Path) -> None:
         """Write atomically: a reference cut off half-way must never be read back."""
