@@ -114,16 +114,16 @@ class FidelityColumns:
                 segments_by_task[task_name] = {} if lm is None else task_segments(
                     lm, context.tasks[task_name], task_name, sample_ids, dense_records)
             cache_path = root / records_path(Path(), task_name, method)
-            plan.append((task_name, method, records, load_records(cache_path), cache_path, segments_by_task[task_name]))
-        todo = sum(segment.positions for *_, cached, _, segments in plan for sample_id, segment in segments.items()
-                   if cached.get(sample_id, {}).get("fingerprint") != segment.fingerprint)
-        references = References(lm, root / "reference") if lm is not None else None
-        bar = tqdm(total=todo, desc="fidelity vs dense", unit="tok", disable=None if todo else True, leave=False)
-        for task_name, method, records, cached, cache_path, segments in plan:
-            # Measure what is not cached, the run's batch size at a time (per-row exits: each
-            # segment's numbers are those it gets alone), appending each batch as it finishes.
+            cached, segments = load_records(cache_path), segments_by_task[task_name]
             stale = [(r["id"], segments[r["id"]]) for r in records if r["id"] in segments
                      and cached.get(r["id"], {}).get("fingerprint") != segments[r["id"]].fingerprint]
+            plan.append((task_name, method, records, cached, cache_path, stale))
+        todo = sum(segment.positions for *_, stale in plan for _, segment in stale)
+        references = References(lm, root / "reference") if lm is not None else None
+        bar = tqdm(total=todo, desc="fidelity vs dense", unit="tok", disable=None if todo else True, leave=False)
+        for task_name, method, records, cached, cache_path, stale in plan:
+            # Measure what is not cached, the run's batch size at a time (per-row exits: each
+            # segment's numbers are those it gets alone), appending each batch as it finishes.
             for start in range(0, len(stale), context.batch_size):
                 chunk = stale[start:start + context.batch_size]
                 measured = measure(lm, [segment for _, segment in chunk], method, references, batch_size=len(chunk))
