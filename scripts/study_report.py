@@ -238,36 +238,86 @@ def markdown(study: dict) -> str:
     return "\n".join(lines)
 
 
+PRIORS = ("recompute", "propagate", "mask", "monotonic")
+AXES_X = {"full_precision_share": (100, "layers at full precision (%)"), "batch1_tok_s": (1, "batch-1 decode tok/s")}
+
+
+def panels(study: dict) -> list[dict]:
+    """The plot's panels, one row per (task, score or KL) and one column per x axis, each with
+    its points (method, x, y); a panel with no point is left out (fidelity is measured on some
+    tasks only, tok/s on the timing slice's methods only)."""
+    found = []
+    for task, rows in study["tasks"].items():
+        for y in ("score", "kl"):
+            for key, (scale, label) in AXES_X.items():
+                points = []
+                for method, row in rows.items():
+                    value = row["score"] if y == "score" else row.get("fidelity", {}).get("kl")
+                    if row.get(key) is not None and value is not None:
+                        points.append((method, scale * row[key], value))
+                if points:
+                    found.append({"task": task, "y": y, "x": key, "xlabel": label, "points": points})
+    return found
+
+
+def y_range(points: list[tuple[str, float, float]]) -> tuple[float, float] | None:
+    """Y limits that keep the study's methods readable when a prior strategy sits far off (the
+    priors' NLL of 14 against River's 4.2 would flatten every other point into one line): the
+    range of the non-prior points, padded; None when nothing lies more than five of their spans
+    away. For unbounded values (NLL, KL); a percent score is readable on its own scale."""
+    others = [y for method, _, y in points if not method.startswith(PRIORS)]
+    if not others or len(others) == len(points):
+        return None
+    low, high = min(others), max(others)
+    span = high - low or abs(high) or 1.0
+    if all(low - 5 * span <= y <= high + 5 * span for _, _, y in points):
+        return None
+    return low - 0.1 * span, high + 0.1 * span
+
+
 def plot(study: dict, path: Path) -> None:
-    """Score against the share of layers at full precision (top) and against batch-1 tok/s
-    (bottom, where a timing slice exists)."""
+    """Score and KL against the share of layers at full precision (left) and against batch-1
+    tok/s (right, where a timing slice exists). Points far off the study's scale (the prior
+    strategies' perplexity) are drawn at the panel's edge with their value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(study["tasks"])
-    axes_x = [("full_precision_share", 100, "layers at full precision (%)"), ("batch1_tok_s", 1, "batch-1 decode tok/s")]
-    panels = [(x, "score") for x in axes_x]
-    if any("fidelity" in row for rows in study["tasks"].values() for row in rows.values()):
-        panels += [(x, "kl") for x in axes_x]
-    fig, axes = plt.subplots(len(panels), len(tasks), figsize=(5 * len(tasks), 4 * len(panels)), squeeze=False)
-    for column, task in enumerate(tasks):
-        for row_axes, ((key, scale, label), y) in zip(axes, panels):
-            ax = row_axes[column]
-            for method, row in study["tasks"][task].items():
-                value = row["score"] if y == "score" else row.get("fidelity", {}).get("kl")
-                if row.get(key) is None or value is None:
-                    continue
-                marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
-                          else "s" if "@" in method else "^")
-                ax.scatter(scale * row[key], value, marker=marker)
-                ax.annotate(method, (scale * row[key], value), fontsize=6)
-            ax.set_xlabel(label)
-            ax.set_ylabel("KL against dense (nats per position)" if y == "kl" else
-                          "NLL per token (lower is better)" if task == "ppl" else "score (%)")
-            ax.set_title(f"{task}: fidelity" if y == "kl" else task)
-    fig.tight_layout()
+    found = panels(study)
+    rows = [(p["task"], p["y"]) for p in found]
+    rows = sorted(set(rows), key=rows.index)
+    fig, axes = plt.subplots(max(len(rows), 1), len(AXES_X), figsize=(6 * len(AXES_X), 4 * max(len(rows), 1)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for panel in found:
+        ax = axes[rows.index((panel["task"], panel["y"]))][list(AXES_X).index(panel["x"])]
+        ax.set_visible(True)
+        limits = y_range(panel["points"]) if panel["y"] == "kl" or panel["task"] == "ppl" else None
+        off_scale = []
+        for method, x, y in panel["points"]:
+            marker = ("D" if is_mixed(method) else "o" if method.startswith("river") and "@" not in method
+                      else "s" if "@" in method else "^")
+            if limits is not None and not limits[0] <= y <= limits[1]:
+                off_scale.append(f"{method} {y:.3g}")
+                ax.scatter(x, min(max(y, limits[0]), limits[1]), marker="^" if y > limits[1] else "v", color="grey")
+                continue
+            ax.scatter(x, y, marker=marker)
+            ax.annotate(method, (x, y), fontsize=6)
+        if limits is not None:
+            ax.set_ylim(*limits)
+        task = panel["task"]
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel("KL against dense (nats per position)" if panel["y"] == "kl" else
+                      "NLL per token (lower is better)" if task == "ppl" else "score (%)")
+        title = f"{task}: fidelity" if panel["y"] == "kl" else task
+        if off_scale:  # the priors, one grey arrow each at the edge, named here
+            title += "\noff scale (grey): " + ", ".join(off_scale)
+        ax.set_title(title, fontsize=8 if off_scale else None)
+    fig.suptitle("o River (tau)   s fixed depth river@K   D static mix wN-lastK   ^ dense, wN, prior strategies",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
     plt.close(fig)
 

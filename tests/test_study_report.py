@@ -95,3 +95,25 @@ def test_fidelity_columns_read_the_evals_cache_and_pair_with_the_controls(tmp_pa
     assert "fidelity against dense" in text and "| river:0.94 | 3 | 30 | 8.00 | 80.0 | 0.2000 |" in text
     study_report.plot(study, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_plot_leaves_out_empty_panels_and_keeps_a_far_prior_off_the_scale(tmp_path, script):
+    study_report = script("study_report")
+    (tmp_path / "run.json").write_text(json.dumps({"model": "m", "num_layers": 24}))
+    write_records(tmp_path, "dense", [1, 1, 1], 24)
+    write_records(tmp_path, "river:0.94", [1, 0, 1], 8)
+    write_records(tmp_path, "mask:0.94", [0, 0, 0], 8)
+    write_fidelity(tmp_path, "dense", [0.0, 0.0, 0.0], [10, 10, 10])
+    write_fidelity(tmp_path, "river:0.94", [0.05, 0.06, 0.07], [9, 8, 7])
+    write_fidelity(tmp_path, "mask:0.94", [10.0, 11.0, 12.0], [0, 0, 1])
+    study = study_report.analyse(tmp_path)
+    found = study_report.panels(study)
+    # no timing slice: only the share-of-layers panels, score and KL
+    assert [(p["task"], p["y"], p["x"]) for p in found] == [("gsm8k", "score", "full_precision_share"),
+                                                          ("gsm8k", "kl", "full_precision_share")]
+    kl = found[1]
+    low, high = study_report.y_range(kl["points"])
+    assert low < 0.0 and 0.06 < high < 1.0  # dense's 0 and River's 0.06 readable, the prior's 11 clipped
+    assert study_report.y_range([("river:0.94", 33.3, 0.06), ("river:0.9", 20.0, 0.07), ("mask:0.94", 33.3, 0.1)]) is None
+    study_report.plot(study, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
