@@ -21,7 +21,12 @@ On held-out Brown windows (the calibration text, disjoint from the eval's), one 
    run the skipped layers on the backbone and the head again (a fallback token reads the twins
    and the head twice). Priced in the bytes a token reads on the ggml path (the GGUF's own
    backbone and head blocks, the twins' int4 codes and scales), shown as the fixed depth that
-   reads the same bytes, and compared with that fixed depth and the oracle there.
+   reads the same bytes, and compared with that fixed depth and the oracle there;
+5. a per-layer tau profile (issue 11: "whether a per-layer tau profile would do better"): the
+   same similarity, but a threshold of its own per layer, fitted by coordinate descent to
+   minimise KL within a mean-depth budget, started from the best single tau. Fitted on half the windows
+   and scored on the other half (two folds, every position scored out of fold), so a gain is
+   not the fit memorising its own positions; the in-sample fit is shown beside it.
 
 (3) is a proxy, said plainly: in (2) every position of a window leaves at the same K, so the
 K/V a position reads from earlier tokens come from depth K, not from those tokens' own exits.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -69,8 +75,11 @@ def per_position(reference: torch.Tensor, logits: torch.Tensor, start: int) -> t
     return score_positions(reference[start - 1:-1], logits[start - 1:-1])
 
 
-def exit_depths(similarities: torch.Tensor, tau: float, num_layers: int) -> torch.Tensor:
-    """Per position, the River rule's exit layer: the first l > MIN_EXIT_LAYER with s_l > tau."""
+def exit_depths(similarities: torch.Tensor, tau: float | torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Per position, the River rule's exit layer: the first l > MIN_EXIT_LAYER with s_l > tau
+    (tau: one threshold, or a tensor of L, one per layer)."""
+    if isinstance(tau, torch.Tensor):
+        tau = tau[MIN_EXIT_LAYER:]
     allowed = similarities[:, MIN_EXIT_LAYER:] > tau  # column c is layer MIN_EXIT_LAYER + 1 + c
     first = torch.where(allowed.any(dim=1), allowed.float().argmax(dim=1) + MIN_EXIT_LAYER + 1,
                         torch.full((len(similarities),), num_layers))
@@ -97,9 +106,63 @@ def fallback_curves(kl: torch.Tensor, confidence: torch.Tensor, base: dict[str, 
     return curves
 
 
-def signal_curves(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int) -> dict:
-    """kl [L+1, P]: KL of river@K per position; similarities [P, L]. Curves of (mean depth, mean KL)
-    for the River rule over a tau grid, the fixed depths, and the oracle."""
+PROFILE_GRID = [round(0.8 + 0.005 * i, 3) for i in range(40)] + [math.inf]  # inf: no exit after that layer
+
+
+def fit_tau_profile(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int, max_depth: float,
+                    passes: int = 3) -> torch.Tensor:
+    """Per-layer thresholds [L] with the least mean KL on these positions at a mean depth of at
+    most max_depth: the best single tau of PROFILE_GRID that fits the budget first, then each
+    layer's threshold in turn over the grid, keeping any change that lowers KL within the budget.
+    (A budget, not a price per layer: KL against depth is not convex here, and a price jumps
+    from one end of the depth range to the other.)"""
+    index = torch.arange(kl.shape[1])
+
+    def cost(taus: torch.Tensor) -> float:
+        depth = exit_depths(similarities, taus, num_layers)
+        return float(kl[depth, index].mean()) if depth.float().mean() <= max_depth else math.inf
+
+    taus = min((torch.full((num_layers,), tau) for tau in PROFILE_GRID), key=cost)
+    best = cost(taus)
+    for _ in range(passes):
+        for column in range(MIN_EXIT_LAYER, num_layers - 1):  # column c: exits after layer c + 1 < L
+            for tau in PROFILE_GRID:
+                trial = taus.clone()
+                trial[column] = tau
+                if (trial_cost := cost(trial)) < best:
+                    taus, best = trial, trial_cost
+    return taus
+
+
+def profile_curve(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int, folds: torch.Tensor,
+                  budgets: list[float] | None = None) -> list[dict]:
+    """Per depth budget: the fitted profile's (mean depth, KL) out of fold (fit on the other
+    folds, score this one, for every fold) and in sample (fit and score on all positions)."""
+    index = torch.arange(kl.shape[1])
+    if budgets is None:
+        budgets = [d for d in (3, 4, 6, 8, 10, 12, 14, 16, 20) if d < num_layers]
+    curve = []
+    for budget in budgets:
+        depth = torch.empty(kl.shape[1], dtype=torch.long)
+        for fold in folds.unique().tolist():
+            fit, scored = folds != fold, folds == fold
+            taus = fit_tau_profile(kl[:, fit], similarities[fit], num_layers, budget)
+            depth[scored] = exit_depths(similarities[scored], taus, num_layers)
+        taus = fit_tau_profile(kl, similarities, num_layers, budget)
+        in_sample = exit_depths(similarities, taus, num_layers)
+        curve.append({"budget": budget, "mean_depth": float(depth.float().mean()), "kl": float(kl[depth, index].mean()),
+                      "in_sample_mean_depth": float(in_sample.float().mean()),
+                      "in_sample_kl": float(kl[in_sample, index].mean()),
+                      "taus": [None if math.isinf(t) else t for t in taus.tolist()]})
+    return curve
+
+
+def signal_curves(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int,
+                  folds: torch.Tensor | None = None) -> dict:
+    """kl [L+1, P]: KL of river@K per position; similarities [P, L]; folds [P]: the fold (window
+    group) of each position, for the cross-fitted tau profile (None: leave the profile out).
+    Curves of (mean depth, mean KL) for the River rule over a tau grid, the fixed depths, the
+    oracle and the per-layer tau profile."""
     positions = kl.shape[1]
     index = torch.arange(positions)
     river = []
@@ -112,7 +175,10 @@ def signal_curves(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int)
     for lam in torch.logspace(-5, 1, 61).tolist():
         choice = (kl + lam * depths).argmin(dim=0)
         oracle.append({"lambda": lam, "mean_depth": float(choice.float().mean()), "kl": float(kl[choice, index].mean())})
-    return {"river_rule": river, "fixed": fixed, "oracle": oracle}
+    curves = {"river_rule": river, "fixed": fixed, "oracle": oracle}
+    if folds is not None:
+        curves["profile"] = profile_curve(kl, similarities, num_layers, folds)
+    return curves
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -168,7 +234,10 @@ def measure_bits(lm, segments, bits: int, references, similarities, costs=None) 
     suffix = [{"depth": k, "agree": suffix_agree[k] / positions, "kl": float(kl[k].mean())}
               for k in range(num_layers + 1)]
     confidence = torch.stack([torch.cat(rows) for rows in suffix_confidence])
-    signal = signal_curves(kl, similarities, num_layers)
+    # two folds of whole windows (even, odd) for the tau profile: neighbouring positions of one
+    # window are alike, so a fold must not split a window
+    folds = torch.cat([torch.full((segment.positions,), i % 2) for i, segment in enumerate(segments)])
+    signal = signal_curves(kl, similarities, num_layers, folds)
     if costs is not None:
         base = {f"river@{k}": torch.full((kl.shape[1],), k) for k in (2, 4, 6, 8, 12)}
         base.update({f"river:{tau}": exit_depths(similarities, tau, num_layers) for tau in (0.9, 0.94)})
@@ -204,6 +273,19 @@ def report(result: dict) -> str:
             lines.append(f"| {r['tau']} | {r['mean_depth']:.2f} | {r['kl']:.4f} | {interpolate(fixed, r['mean_depth']):.4f} "
                          f"| {interpolate(oracle, r['mean_depth']):.4f} |")
         lines.append("")
+        if "profile" in signal:
+            lines += ["A per-layer tau profile (5. above), fitted per mean-depth budget; KL out of fold (fitted on the "
+                      "other half of the windows) and in sample, against the single-tau River rule, the fixed depth and "
+                      "the oracle at the out-of-fold mean depth:", "",
+                      "| budget | mean depth | profile KL (out of fold) | in sample: depth, KL | River rule KL "
+                      "| fixed depth KL | oracle KL |", "|---|---|---|---|---|---|---|"]
+            river_rule = [(r["mean_depth"], r["kl"]) for r in signal["river_rule"]]
+            for r in signal["profile"]:
+                depth = r["mean_depth"]
+                lines.append(f"| {r['budget']} | {depth:.2f} | {r['kl']:.4f} | {r['in_sample_mean_depth']:.2f}, "
+                             f"{r['in_sample_kl']:.4f} | {interpolate(river_rule, depth):.4f} | "
+                             f"{interpolate(fixed, depth):.4f} | {interpolate(oracle, depth):.4f} |")
+            lines.append("")
         if "fallback" in signal:
             oracle_by_depth = oracle
             lines += ["Falling back when unsure (4. above): a token whose top-1 probability at its depth is below p "
@@ -237,6 +319,9 @@ def plot(result: dict, path: Path) -> None:
         row[1].plot([r["mean_depth"] for r in signal["river_rule"]], [r["kl"] for r in signal["river_rule"]], "s-",
                     label="River rule (tau grid)")
         row[1].plot([r["mean_depth"] for r in signal["oracle"]], [r["kl"] for r in signal["oracle"]], "--", label="oracle")
+        if "profile" in signal:
+            row[1].plot([r["mean_depth"] for r in signal["profile"]], [r["kl"] for r in signal["profile"]], "^:",
+                        label="per-layer tau profile (out of fold)")
         row[1].set(title=f"{entry['bits']}-bit: cost of leaving early (proxy)", xlabel="mean backbone depth",
                    ylabel="KL(dense || river), nats", yscale="log")
         row[1].legend()

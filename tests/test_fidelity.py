@@ -158,3 +158,28 @@ def test_twin_error_prices_falling_back_when_unsure(script):
     # p 0.5: positions 0 and 3 (0.2, 0.45) fall back; the others keep their KL
     assert by_p[0.5]["fallback_share"] == 0.5 and by_p[0.5]["kl"] == pytest.approx((0.4 + 0.3) / 4)
     assert by_p[0.5]["bytes"] == 38 + 40 / 2 and by_p[0.5]["bytes_vs_dense"] == pytest.approx(58 / 50)
+
+
+def test_twin_error_fits_a_per_layer_tau_profile_out_of_fold(script):
+    """The per-layer tau profile of scripts/twin_error.py: where one threshold cannot separate the
+    positions that may leave after layer 2 from those that need layer 3, a threshold per layer
+    does, and the cross-fitted curve scores each position with a profile fitted without it."""
+    twin_error = script("twin_error")
+    # 4 layers, 4 positions: 0 and 1 cost 1 nat if they leave after layer 2 and nothing after 3;
+    # 2 and 3 cost nothing after 2. Layer 2's similarity ranks them rightly, layer 3's is lower.
+    kl = torch.tensor([[2.0] * 4, [2.0] * 4, [1.0, 1.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
+    similarities = torch.tensor([[0.5, 0.932, 0.902, 0.99], [0.5, 0.932, 0.902, 0.99],
+                                 [0.5, 0.968, 0.902, 0.99], [0.5, 0.968, 0.902, 0.99]])
+    # one tau: either every position leaves after layer 2 (KL 0.5) or 0 and 1 run all 4 layers
+    assert twin_error.exit_depths(similarities, 0.95, 4).tolist() == [4, 4, 2, 2]
+    taus = twin_error.fit_tau_profile(kl, similarities, 4, max_depth=2.5)
+    assert twin_error.exit_depths(similarities, taus, 4).tolist() == [3, 3, 2, 2]
+    # a budget of 2 leaves no choice but to send everyone out after layer 2
+    assert twin_error.exit_depths(similarities, twin_error.fit_tau_profile(kl, similarities, 4, 2), 4).tolist() == [2] * 4
+    folds = torch.tensor([0, 1, 0, 1])
+    curve = twin_error.profile_curve(kl, similarities, 4, folds, budgets=[2.5])
+    assert curve[0]["mean_depth"] == 2.5 and curve[0]["kl"] == 0 and curve[0]["in_sample_mean_depth"] == 2.5
+    # folds that put both costly positions on one side: the profile fitted on the cheap ones
+    # sends the costly ones out after layer 2, and the out-of-fold KL says so
+    curve = twin_error.profile_curve(kl, similarities, 4, torch.tensor([0, 0, 1, 1]), budgets=[2.5])
+    assert curve[0]["kl"] == 0.5 and curve[0]["in_sample_kl"] == 0

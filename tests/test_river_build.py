@@ -92,7 +92,10 @@ def test_a_twin_kept_dequantized_computes_exactly_what_it_computed_per_call(monk
     twin = QuantLinear(torch.nn.Linear(128, 96), 3, 64)
     x = torch.randn(5, 128)
     per_call = {dtype: twin(x.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    codes = twin.code_bytes()
     assert twin.keep_dequantized(torch.bfloat16) == 128 * 96 * 2 and twin.weight_bytes() == 128 * 96 * 2
+    # what the token-bytes pricing reads: still the 3-bit codes (and 16-bit scales/zeros)
+    assert twin.code_bytes() == codes and 128 * 96 * 3 / 8 <= codes < 128 * 96 * 2 / 3
     assert all(torch.equal(twin(x.to(dtype)), out) for dtype, out in per_call.items())
 
     lm = RiverLM(tiny_model("llama"), tokenizer=None)

@@ -60,7 +60,8 @@ class TokenBytes:
 
 
 def quantized_bytes(module: nn.Module) -> int:
-    return sum(m.weight_bytes() for m in module.modules() if isinstance(m, QuantLinear))
+    # the codes, not a dequantized copy kept for speed on a CPU without a kernel for the width
+    return sum(m.code_bytes() for m in module.modules() if isinstance(m, QuantLinear))
 
 
 def ggml_token_bytes(gguf_path, num_layers: int, river: nn.ModuleList, head: nn.Module | None = None) -> TokenBytes:

@@ -217,9 +217,12 @@ class QuantLinear(nn.Module):
         return {"packed": self.packed, "scales_and_zeros": self.scales_and_zeros}
 
     def weight_bytes(self) -> int:
-        """Bytes of weight data read per forward (codes + scales/zeros)."""
-        if self.dequantized is not None:
-            return self.dequantized.nbytes
+        """Bytes of weight data read per forward here: the kept dequantized weight, or the codes."""
+        return self.dequantized.nbytes if self.dequantized is not None else self.code_bytes()
+
+    def code_bytes(self) -> int:
+        """Bytes of the low-bit weight itself (codes + scales/zeros), whatever this backend keeps
+        beside it: what a twin of this bit width reads where a kernel for it exists."""
         if self.backend == "dequant":
             return self.codes_packed.numel() * self.codes_packed.element_size() + 2 * self.meta["scale"].numel() * 2
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
