@@ -137,7 +137,8 @@ def fit_tau_profile(kl: torch.Tensor, similarities: torch.Tensor, num_layers: in
 def profile_curve(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int, folds: torch.Tensor,
                   budgets: list[float] | None = None) -> list[dict]:
     """Per depth budget: the fitted profile's (mean depth, KL) out of fold (fit on the other
-    folds, score this one, for every fold) and in sample (fit and score on all positions)."""
+    folds, score this one, for every fold; with one fold, in sample too) and in sample (fit and
+    score on all positions)."""
     index = torch.arange(kl.shape[1])
     if budgets is None:
         budgets = [d for d in (3, 4, 6, 8, 10, 12, 14, 16, 20) if d < num_layers]
@@ -145,7 +146,8 @@ def profile_curve(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int,
     for budget in budgets:
         depth = torch.empty(kl.shape[1], dtype=torch.long)
         for fold in folds.unique().tolist():
-            fit, scored = folds != fold, folds == fold
+            scored = folds == fold
+            fit = ~scored if folds.unique().numel() > 1 else scored
             taus = fit_tau_profile(kl[:, fit], similarities[fit], num_layers, budget)
             depth[scored] = exit_depths(similarities[scored], taus, num_layers)
         taus = fit_tau_profile(kl, similarities, num_layers, budget)

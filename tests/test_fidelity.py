@@ -183,3 +183,6 @@ def test_twin_error_fits_a_per_layer_tau_profile_out_of_fold(script):
     # sends the costly ones out after layer 2, and the out-of-fold KL says so
     curve = twin_error.profile_curve(kl, similarities, 4, torch.tensor([0, 0, 1, 1]), budgets=[2.5])
     assert curve[0]["kl"] == 0.5 and curve[0]["in_sample_kl"] == 0
+    # one fold (a single window): nothing to hold out, so the out-of-fold columns are the in-sample fit
+    curve = twin_error.profile_curve(kl, similarities, 4, torch.zeros(4, dtype=torch.long), budgets=[2.5])
+    assert curve[0]["kl"] == curve[0]["in_sample_kl"] == 0 and curve[0]["mean_depth"] == 2.5
