@@ -86,6 +86,7 @@ def test_a_twin_kept_dequantized_computes_exactly_what_it_computed_per_call(monk
     call (`keep_dequantized`, which RiverLM.river applies): the same outputs, bit for bit, in the
     dtype it was kept in and in any other; not kept where memory is short."""
     from riverllm import RiverLM, cpu
+    from riverllm.bench.token_bytes import quantized_bytes
     from riverllm.river.quant import QuantLinear, keep_dequantized
 
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_a_twin_kept_dequantized_computes_exactly_what_it_computed_per_call(monk
     assert twin.keep_dequantized(torch.bfloat16) == 128 * 96 * 2 and twin.weight_bytes() == 128 * 96 * 2
     # what the token-bytes pricing reads: still the 3-bit codes (and 16-bit scales/zeros)
     assert twin.code_bytes() == codes and 128 * 96 * 3 / 8 <= codes < 128 * 96 * 2 / 3
+    assert quantized_bytes(torch.nn.ModuleList([twin])) == codes
     assert all(torch.equal(twin(x.to(dtype)), out) for dtype, out in per_call.items())
 
     lm = RiverLM(tiny_model("llama"), tokenizer=None)
