@@ -142,12 +142,13 @@ def profile_curve(kl: torch.Tensor, similarities: torch.Tensor, num_layers: int,
     index = torch.arange(kl.shape[1])
     if budgets is None:
         budgets = [d for d in (3, 4, 6, 8, 10, 12, 14, 16, 20) if d < num_layers]
+    fold_ids = folds.unique().tolist()
     curve = []
     for budget in budgets:
         depth = torch.empty(kl.shape[1], dtype=torch.long)
-        for fold in folds.unique().tolist():
+        for fold in fold_ids:
             scored = folds == fold
-            fit = ~scored if folds.unique().numel() > 1 else scored
+            fit = ~scored if len(fold_ids) > 1 else scored
             taus = fit_tau_profile(kl[:, fit], similarities[fit], num_layers, budget)
             depth[scored] = exit_depths(similarities[scored], taus, num_layers)
         taus = fit_tau_profile(kl, similarities, num_layers, budget)
